@@ -1,0 +1,143 @@
+"""The `gears-dist` command line: small, one subcommand per pipeline step.
+
+Arguments are declared here; implementations are imported lazily inside each handler so that
+`gears-dist --help` does not pay for importing torch and Ray. Presets are YAML files in configs/,
+not flags. User errors (ValueError/TypeError raised by the library) print one clear line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from gears_dist.data import synthetic
+
+    return synthetic.cli_simulate(args)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from gears_dist.data import ingest
+
+    return ingest.cli_ingest(args)
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from gears_dist.data import splits
+
+    return splits.cli_split(args)
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from gears_dist.graphs import build
+
+    return build.cli_graph(args)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gears_dist.distributed import launcher
+
+    return launcher.cli_train(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gears_dist import demo
+
+    return demo.cli_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gears-dist", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="generate a synthetic Perturb-seq screen (h5ad or store)")
+    s.add_argument("out", help="output path (.h5ad, or .zarr with --format store)")
+    s.add_argument("--preset", default="demo", help="size preset: tiny, demo, norman, k562, genome")
+    s.add_argument("--num-cells", type=int, help="override the preset's total number of cells")
+    s.add_argument("--num-genes", type=int, help="override the number of measured genes")
+    s.add_argument("--num-singles", type=int, help="override the number of single-gene perturbations")
+    s.add_argument("--num-doubles", type=int, help="override the number of two-gene perturbations")
+    s.add_argument("--style", choices=["gears", "scperturb"], default="gears",
+                   help="condition naming convention of the h5ad (gears: ctrl/A+ctrl/A+B; scperturb: control/A/A_B)")
+    s.add_argument("--format", choices=["h5ad", "store"], default="h5ad")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_simulate)
+
+    s = sub.add_parser("ingest", help="AnnData .h5ad -> training-ready Zarr store (out of core)")
+    s.add_argument("input", help="source .h5ad file")
+    s.add_argument("store", help="destination store directory (e.g. screen.zarr)")
+    s.add_argument("--condition-key", default=None, help="obs column with the perturbation (default: auto-detect "
+                   "'condition', 'perturbation', 'gene', 'target_gene')")
+    s.add_argument("--control-value", action="append", default=None,
+                   help="value(s) of the condition column that mean control (repeatable; default: ctrl, control, "
+                        "non-targeting, NT)")
+    s.add_argument("--separator", action="append", default=None,
+                   help="separator(s) between genes of a combination (repeatable; default '+', and '_' when the "
+                        "file uses it)")
+    s.add_argument("--gene-key", default=None, help="var column with gene symbols (default: 'gene_name' if "
+                   "present, else var_names)")
+    s.add_argument("--cell-type-key", default=None, help="obs column with cell type / cell line")
+    s.add_argument("--batch-key", default=None, help="obs column with batch (e.g. gemgroup)")
+    s.add_argument("--hvg", type=int, default=None, help="keep the top-N highly variable genes plus every measured "
+                   "perturbed gene (default: keep all genes)")
+    s.add_argument("--normalize", choices=["auto", "counts", "log1p"], default="auto",
+                   help="auto: detect raw counts (normalize to 1e4 + log1p) vs log data (as is)")
+    s.add_argument("--chunk-cells", type=int, default=None, help="cells per X chunk (default chosen by size)")
+    s.add_argument("--order", default="condition", help="order of conditions in the store: 'condition' "
+                   "(sorted names) or 'graph' (GO-graph locality, for graph-partitioned training)")
+    s.add_argument("--memory-budget-mb", type=int, default=1024,
+                   help="bound on the ingest's working memory (default 1024)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    s.set_defaults(func=_cmd_ingest)
+
+    s = sub.add_parser("split", help="condition-level train/val/test split, saved in the store")
+    s.add_argument("store")
+    s.add_argument("--kind", default="simulation",
+                   help="simulation, single, combo_seen0, combo_seen1, combo_seen2, no_test, custom")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--train-gene-frac", type=float, default=0.75, help="simulation: fraction of genes 'seen'")
+    s.add_argument("--combo-seen2-train-frac", type=float, default=0.75,
+                   help="simulation: fraction of seen-seen combinations used for training")
+    s.add_argument("--custom", default=None, help="custom: JSON file {train: [...], val: [...], test: [...]}")
+    s.add_argument("--name", default=None, help="key to store it under (default: KIND_seedSEED)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_split)
+
+    s = sub.add_parser("graph", help="build the GO and co-expression graphs and worker partitions into the store")
+    s.add_argument("store")
+    s.add_argument("--config", default=None, help="YAML with a 'graphs' section (see configs/)")
+    s.add_argument("--split", default=None, help="split key whose training cells feed the co-expression graph")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_graph)
+
+    s = sub.add_parser("train", help="train GEARS with Ray Train + DeepSpeed (local Ray if no cluster address)")
+    s.add_argument("store")
+    s.add_argument("--config", required=True, help="training preset (configs/*.yaml)")
+    s.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("demo", help="the whole pipeline on generated data: simulate, ingest, graph, split, train, evaluate")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--config", default=None, help="training preset (default: configs/demo.yaml)")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"gears-dist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gears-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

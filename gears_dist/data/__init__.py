@@ -1,0 +1,1 @@
+"""Data layer: the Zarr store, ingest from AnnData, statistics, splits, the streaming loader, synthetic screens."""
