@@ -18,6 +18,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    if args.order == "graph":
+        # registers the 'graph' condition order; if it is absent the ingest lists the orders it has
+        try:
+            import gears_dist.graphs.order  # noqa: F401
+        except ModuleNotFoundError:
+            pass
     from gears_dist.data import ingest
 
     return ingest.cli_ingest(args)
@@ -41,6 +47,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return launcher.cli_train(args)
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from gears_dist.evaluate import commands
+
+    return commands.cli_evaluate(args)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from gears_dist.evaluate import commands
+
+    return commands.cli_predict(args)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from gears_dist.tune import search
+
+    return search.cli_tune(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gears_dist import demo
 
@@ -62,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="condition naming convention of the h5ad (gears: ctrl/A+ctrl/A+B; scperturb: control/A/A_B)")
     s.add_argument("--format", choices=["h5ad", "store"], default="h5ad")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=None,
+                   help="processes sampling cell blocks (default: min(2, CPUs)); the output does not depend on it")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_simulate)
 
@@ -109,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store")
     s.add_argument("--config", default=None, help="YAML with a 'graphs' section (see configs/)")
     s.add_argument("--split", default=None, help="split key whose training cells feed the co-expression graph")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--parts", type=int, nargs="+", default=None,
+                   help="worker counts W to partition for (default: the config's graphs.partition.num_parts, 2 4)")
+    s.add_argument("--method", choices=["metis", "contiguous", "random"], default=None,
+                   help="partition method (default: the config's graphs.partition.method, metis)")
+    s.add_argument("--overwrite", action="store_true", help="rebuild graphs and partitions that are already stored")
     s.set_defaults(func=_cmd_graph)
 
     s = sub.add_parser("train", help="train GEARS with Ray Train + DeepSpeed (local Ray if no cluster address)")
@@ -119,6 +149,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("evaluate", help="metrics per test category for a trained model and the baselines; GI, "
+                       "figures, cell-eval export, MLflow")
+    s.add_argument("target", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory, model directory or checkpoint (or a STORE with --split: baselines only)")
+    s.add_argument("--store", default=None, help="the training store (default: the one the run recorded)")
+    s.add_argument("--split", default=None, help="split key (default: the run's split)")
+    s.add_argument("--conditions", choices=["test", "val"], default="test")
+    s.add_argument("--baselines", default="control_mean,train_mean,additive,linear",
+                   help="comma-separated baselines to report beside the model ('' for none)")
+    s.add_argument("--out", default=None, help="output directory (default: RUN/evaluation)")
+    s.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run's, or "
+                   "$MLFLOW_TRACKING_URI)")
+    s.add_argument("--mlflow-run-id", default=None, help="MLflow run to log to (default: the training run)")
+    s.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    s.add_argument("--no-gi", action="store_true", help="skip genetic-interaction scoring of test pairs")
+    s.add_argument("--gi-k", type=int, default=10, help="precision@k for GI types (default 10)")
+    s.add_argument("--gi-truth", default=None, help="ground-truth GI JSON (synthetic screens; default: the store's "
+                   "truth.json or the ingested h5ad's .truth.json sidecar)")
+    s.add_argument("--no-figures", action="store_true")
+    s.add_argument("--num-plot-conditions", type=int, default=2, help="top-DE figures per test category")
+    s.add_argument("--export-cell-eval", action="store_true", help="also write cell-eval real/pred AnnData")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("predict", help="predict expression for any perturbation sets with a trained model")
+    s.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory, model directory or checkpoint")
+    s.add_argument("--perts", nargs="+", default=None, metavar="SET", help="sets such as KLF1 KLF1+MAP2K6 A+B+C")
+    s.add_argument("--perts-file", default=None, help="file with one set per line")
+    s.add_argument("--all-pairs", nargs="+", default=None, metavar="GENE", help="predict every pair of these genes")
+    s.add_argument("--all-pairs-file", default=None, help="file of genes (whitespace/comma separated): every pair")
+    s.add_argument("--out", required=True, help="output .h5ad (X = mean, layers delta/logvar) or .csv")
+    s.add_argument("--uncertainty", action="store_true", help="also output the uncertainty head's log-variance")
+    s.add_argument("--store", default=None, help="the training store (default: the one the run recorded)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("tune", help="hyperparameter search: Ray Tune (ASHA + Optuna) over distributed training runs, "
+                                     "tracked in MLflow")
+    s.add_argument("store")
+    s.add_argument("--config", required=True, help="search preset (configs/tune_*.yaml)")
+    s.add_argument("--out", default=None, help="search directory (default: runs/<search name>)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    s.add_argument("--resume", action="store_true", help="continue the interrupted search in --out (Tuner.restore)")
+    s.set_defaults(func=_cmd_tune)
 
     s = sub.add_parser("demo", help="the whole pipeline on generated data: simulate, ingest, graph, split, train, evaluate")
     s.add_argument("--out", default="runs/demo")

@@ -4,6 +4,9 @@ Layout (Zarr v3 directory store; everything below is written by ``gears-dist ing
 
     STORE.zarr/
       manifest.json            written last; its presence is what makes a store valid
+      truth.json               only in stores written by ``gears-dist simulate --format store``: the
+                               ground truth of the synthetic screen (spec; per double: genes, interaction
+                               type, magnitude, c_a, c_b, neomorphic_ratio); manifest["truth"] names it
       X                        float32 (num_cells, num_genes), chunked by cells (whole gene rows),
                                compressed; log1p-normalized expression. Cells are grouped by
                                condition, conditions in the order of conditions/ (a pluggable order).
@@ -19,14 +22,23 @@ Layout (Zarr v3 directory store; everything below is written by ``gears-dist ing
                  num_cells     int64 (C,)
                  start, stop   int64 (C,) the cells of condition c are X[start[c]:stop[c]]
                  is_control    bool (C,)
+                 cell_type     int32 (C,) the cell type (attrs["cell_types"]) holding most of its cells
+                 num_cell_types int32 (C,) how many cell types its cells span (1 for most screens)
       genes/symbol             str (G,) current symbols (aliases resolved)
            source_name         str (G,) as in the source file
            is_perturbed        bool (G,) some condition perturbs this gene
+           has_go              bool (G,) the symbol has GO annotations (genes.go_annotations)
+           highly_variable     bool (G,) selected by --hvg (all False when all genes are kept)
+           source_index        int64 (G,) column in the source file
+      attrs: cell_types, batches (names indexed by obs/cell_type, obs/batch), condition_order,
+             normalization ('counts_normalize_log1p' or 'log1p_as_is')
       stats/control_mean       float32 (G,)
            mean, var, nonzero_frac   float32 (C, G) per condition (var: unbiased, ddof=1)
            de_score            float32 (C, G) Welch t statistic, condition vs control
            top_de              int32 (C, 20) gene indices ranked by |t| (scanpy rankby_abs)
            top_de_non_dropout  int32 (C, 20) the same restricted to non-dropout genes
+                               (control row and missing entries: -1; de_score keeps scanpy's +-inf
+                               where both variances are 0; details in gears_dist/data/stats.py)
       splits/<key>/            (gears-dist split)  attrs: kind, seed, sets, categories
       graphs/<key>/            (gears-dist graph)  GO graph, co-expression graph, partitions
 
