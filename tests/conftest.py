@@ -16,3 +16,34 @@ def norman_path() -> pathlib.Path:
     if not NORMAN_SUBSET.is_file():
         pytest.skip(f"real Norman subset not found at {NORMAN_SUBSET} (expected ../shared beside the repo)")
     return NORMAN_SUBSET
+
+
+@pytest.fixture(scope="session")
+def tiny_train_store(tmp_path_factory):
+    """The 'tiny' synthetic screen through the real pipeline (h5ad -> ingest -> split -> graphs), with
+    small X chunks (64 cells) so that the loader has many chunks. Shared: treat it as read-only (training
+    may add partition components, which is idempotent)."""
+    from gears_dist.data import ingest, splits, synthetic
+    from gears_dist.graphs.build import ensure_graphs
+    from gears_dist.graphs.config import GraphConfig
+
+    root = tmp_path_factory.mktemp("tiny_train")
+    synthetic.write_h5ad(synthetic.preset("tiny"), root / "tiny.h5ad")
+    ingest.ingest(root / "tiny.h5ad", root / "tiny.zarr", chunk_cells=64)
+    key = splits.make_and_save_split(root / "tiny.zarr", kind="simulation", seed=1)
+    ensure_graphs(root / "tiny.zarr", GraphConfig(), key)
+    return {"path": root / "tiny.zarr", "split": key}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray per test session (starting Ray costs ~10 s): 127.0.0.1, no dashboard, small object store."""
+    import ray
+
+    from gears_dist.distributed.launcher import ensure_ray
+    from gears_dist.train.config import RunConfig
+
+    started = ensure_ray(None, RunConfig())
+    yield ray
+    if started:
+        ray.shutdown()

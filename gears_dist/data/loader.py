@@ -1,0 +1,448 @@
+"""Streaming training loader: a worker's shard of the store, read chunk by chunk, never whole.
+
+Epoch semantics (the same on every worker, so collectives never hang):
+
+- ``steps_per_epoch = max(1, total training cells // (world_size * batch_size))``; every worker
+  yields exactly that many batches of ``batch_size`` cells per epoch, so one epoch sees about
+  every training cell once across all workers (a worker whose shard is shorter wraps into a
+  fresh pass; one whose shard is longer leaves a different random remainder each epoch).
+- A worker's shard is a set of *units*: a store chunk intersected with the training cells the
+  worker owns. Each epoch (and each pass) the units are visited in a fresh random order; cells
+  are shuffled within a window of ``buffer_chunks`` units (bounded memory, many conditions per
+  batch even though the store groups cells by condition), and batches are consecutive slices of
+  that stream. With ``group_cells > 1`` the window is instead cut into runs of that many cells of
+  one condition, the runs shuffled (the model's exact fast path computes one row per distinct
+  perturbation set).
+- Every random choice is a pure function of ``(seed, epoch, rank, ...)`` and of store metadata,
+  so the loader state is just ``(epoch, step)``: resuming at a step recomputes the plan without
+  reading X and continues with exactly the batches an uninterrupted run would have seen.
+- Each perturbed cell (y) is paired with a control cell (x) drawn fresh per batch from an
+  in-memory control pool of the same cell type; control cells are themselves trained on with
+  x = y, as in the reference.
+
+Memory per worker: ``(buffer_chunks + 1)`` chunks + ``prefetch_batches`` batches + the control
+pool + per-condition gene masks (C x G bool), independent of the number of cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from gears_dist.config import require
+from gears_dist.data.store import Store
+
+Sharding = Literal["graph", "random"]
+
+
+@dataclasses.dataclass
+class LoaderConfig:
+    batch_size: int = 32                 # cells per micro-batch per worker
+    buffer_chunks: int = 8               # units shuffled together (memory bound)
+    prefetch_batches: int = 4            # batches prepared ahead by the background thread
+    control_pool_cells: int = 4096       # control cells kept in memory per worker for pairing
+    include_controls: bool = True        # train on control cells too (x = y), as the reference does
+    group_cells: int = 1                 # >1: batches made of runs of this many cells of one condition
+
+    def validate(self) -> None:
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, received {self.batch_size}")
+        require(self.buffer_chunks >= 1, "buffer_chunks", f"must be >= 1, received {self.buffer_chunks}")
+        require(self.prefetch_batches >= 1, "prefetch_batches", f"must be >= 1, received {self.prefetch_batches}")
+        require(self.control_pool_cells >= 1, "control_pool_cells",
+                f"must be >= 1, received {self.control_pool_cells}")
+        require(1 <= self.group_cells <= self.batch_size, "group_cells",
+                f"must be between 1 and batch_size ({self.batch_size}), received {self.group_cells}")
+
+
+@dataclasses.dataclass
+class Batch:
+    """One micro-batch, ready for ``GEARSModel.forward(x, perts, inverse)`` and ``gears_loss``."""
+
+    x: torch.Tensor          # [B, G] float32: the paired control cell (the cell itself for controls)
+    y: torch.Tensor          # [B, G] float32: the observed cell
+    perts: torch.Tensor      # [U, K] int64: GO-node indices of the distinct perturbation sets, -1 padded
+    inverse: torch.Tensor    # [B] int64: row of `perts` for each cell
+    cond: torch.Tensor       # [B] int64: store condition index of each cell
+    gene_mask: torch.Tensor  # [U, G] bool: genes with non-zero mean under that condition (loss mask)
+    ucond: torch.Tensor      # [U] int64: store condition index of each row of `perts`
+
+    @property
+    def num_cells(self) -> int:
+        return int(self.y.shape[0])
+
+    def pin(self) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                        for f in dataclasses.fields(self)})
+
+
+# ------------------------------------------------------------------------------------------------
+# shard plan: metadata only
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    """The units (chunk ∩ owned training rows) one worker reads."""
+
+    rank: int
+    world_size: int
+    sharding: str
+    seed: int
+    unit_start: np.ndarray   # int64 [N] first global row of the unit
+    unit_stop: np.ndarray    # int64 [N] one past the last row
+    unit_count: np.ndarray   # int64 [N] rows the worker keeps from the unit
+    total_train_cells: int   # over all workers: defines steps per epoch
+
+    @property
+    def num_cells(self) -> int:
+        return int(self.unit_count.sum())
+
+    def unit_rows(self, u: int) -> np.ndarray:
+        """Global row ids kept from unit u (deterministic; recomputed, never stored)."""
+        start, stop = int(self.unit_start[u]), int(self.unit_stop[u])
+        rows = np.arange(start, stop, dtype=np.int64)
+        if self.sharding == "random":
+            rows = rows[_random_owner(self.seed, start, stop, self.world_size) == self.rank]
+        return rows
+
+
+def _random_owner(seed: int, start: int, stop: int, world_size: int) -> np.ndarray:
+    # Owner of each row in [start, stop), keyed by the unit's first row so that it does not depend
+    # on which worker asks: every cell has exactly one owner.
+    return np.random.default_rng([seed, 0x5A4D, start]).integers(0, world_size, size=stop - start)
+
+
+def _segments_to_units(starts: np.ndarray, stops: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut row segments at chunk boundaries (vectorized)."""
+    keep = stops > starts
+    starts, stops = starts[keep].astype(np.int64), stops[keep].astype(np.int64)
+    if starts.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # merge touching segments first, so that a unit is a whole chunk whenever the worker owns all of it
+    # (conditions are small in genome-wide screens: per-condition units would make the buffer tiny)
+    order = np.argsort(starts, kind="stable")
+    starts, stops = starts[order], stops[order]
+    new_run = np.r_[True, starts[1:] > np.maximum.accumulate(stops)[:-1]]
+    stops = np.maximum.reduceat(stops, np.flatnonzero(new_run))
+    starts = starts[new_run]
+    first = starts // chunk
+    last = (stops - 1) // chunk
+    pieces = last - first + 1
+    seg = np.repeat(np.arange(starts.size), pieces)
+    offset = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    chunk_id = first[seg] + offset
+    u_start = np.maximum(starts[seg], chunk_id * chunk)
+    u_stop = np.minimum(stops[seg], (chunk_id + 1) * chunk)
+    order = np.argsort(u_start, kind="stable")
+    return u_start[order], u_stop[order]
+
+
+def plan_shard(store: Store, train_conditions: Sequence[int], rank: int, world_size: int, *,
+               sharding: str = "graph", part_of_condition: np.ndarray | None = None,
+               include_controls: bool = True, seed: int = 0) -> ShardPlan:
+    """Which rows of the store worker `rank` trains on.
+
+    graph: the worker owns the training conditions whose part (``part_of_condition``, one of
+    0..W-1 per store condition) is its rank, and a contiguous 1/W slice of the control cells.
+    random: every training cell (controls included) goes to a random worker (the baseline; each
+    worker then reads every chunk).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+    if sharding not in ("graph", "random"):
+        raise ValueError(f"sharding {sharding!r}: expected 'graph' or 'random'")
+    start, stop = store.array("conditions/start"), store.array("conditions/stop")
+    is_ctrl = store.array("conditions/is_control").astype(bool)
+    num_conditions = start.shape[0]
+    train = np.zeros(num_conditions, bool)
+    train[np.asarray(list(train_conditions), dtype=np.int64)] = True
+    if include_controls:
+        train |= is_ctrl
+    else:
+        train &= ~is_ctrl
+    total = int((stop - start)[train].sum())
+    if total == 0:
+        raise ValueError("the split has no training cells in this store; check the split key and the store")
+    if sharding == "random":
+        seg_start, seg_stop = start[train], stop[train]
+        u_start, u_stop = _segments_to_units(seg_start, seg_stop, store.chunk_cells)
+        counts = np.array([int((_random_owner(seed, a, b, world_size) == rank).sum())
+                           for a, b in zip(u_start.tolist(), u_stop.tolist())], dtype=np.int64)
+    else:
+        if world_size > 1:
+            if part_of_condition is None:
+                raise ValueError("graph sharding needs part_of_condition (from the graphs' partition); "
+                                 "pass it, or use sharding='random'")
+            part = np.asarray(part_of_condition)
+            if part.shape != (num_conditions,):
+                raise ValueError(f"part_of_condition: expected shape ({num_conditions},), received {part.shape}")
+            mine = train & ~is_ctrl & (part == rank)
+        else:
+            mine = train & ~is_ctrl
+        seg_start, seg_stop = [start[mine]], [stop[mine]]
+        ctrl_train = train & is_ctrl
+        for c in np.flatnonzero(ctrl_train):
+            # controls are shared out as W contiguous, equal row ranges
+            bounds = np.linspace(start[c], stop[c], world_size + 1).round().astype(np.int64)
+            seg_start.append(bounds[rank:rank + 1])
+            seg_stop.append(bounds[rank + 1:rank + 2])
+        u_start, u_stop = _segments_to_units(np.concatenate(seg_start), np.concatenate(seg_stop),
+                                             store.chunk_cells)
+        counts = u_stop - u_start
+    keep = counts > 0
+    return ShardPlan(rank, world_size, sharding, seed, u_start[keep], u_stop[keep], counts[keep], total)
+
+
+# ------------------------------------------------------------------------------------------------
+# the loader
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+class ShardLoader:
+    """Iterates one worker's batches for an epoch; see the module docstring for the semantics.
+
+    Args:
+        store: the opened store.
+        plan: this worker's `ShardPlan`.
+        pert_index: (C, K) int64, GO-node indices of each store condition's genes, -1 padded.
+        cfg: `LoaderConfig`.
+        seed: run seed (with epoch and rank, it fixes every random choice).
+        device: where batches go; on CUDA they are pinned and copied asynchronously.
+    """
+
+    def __init__(self, store: Store, plan: ShardPlan, pert_index: np.ndarray, cfg: LoaderConfig,
+                 seed: int = 0, device: torch.device | str = "cpu"):
+        cfg.validate()
+        self.store, self.plan, self.cfg, self.seed = store, plan, cfg, int(seed)
+        self.device = torch.device(device)
+        self.rank, self.world_size = plan.rank, plan.world_size
+        num_conditions = store.array("conditions/start").shape[0]
+        pert_index = np.asarray(pert_index, dtype=np.int64)
+        if pert_index.ndim != 2 or pert_index.shape[0] != num_conditions:
+            raise ValueError(f"pert_index: expected shape ({num_conditions}, K), received {pert_index.shape}")
+        self.pert_index = torch.from_numpy(pert_index)
+        self.gene_mask = torch.from_numpy(self._gene_mask(store))
+        self.steps_per_epoch = max(1, plan.total_train_cells // (plan.world_size * cfg.batch_size))
+        if plan.num_cells == 0:
+            raise ValueError(f"worker {self.rank} of {self.world_size} owns no training cells; use fewer "
+                             f"workers or sharding='random'")
+        self._X = store.X
+        self._obs_cond = store.root["obs/condition"]
+        self._obs_type = store.root["obs/cell_type"]
+        self._load_control_pool()
+        self.bytes_read = 0
+        self.max_buffered_cells = 0  # most cells held in the shuffle buffer at once (memory bound check)
+        self.epoch = 0
+        self.step = 0
+
+    # -- setup ----------------------------------------------------------------------------------
+    @staticmethod
+    def _gene_mask(store: Store) -> np.ndarray:
+        # the reference's loss keeps, per condition, the genes with non-zero mean; every gene for controls
+        stats = store.root["stats"]
+        if "nonzero_frac" in stats:
+            mask = np.asarray(stats["nonzero_frac"][...] > 0)
+        else:
+            mask = np.asarray(stats["mean"][...] != 0)
+        mask[store.array("conditions/is_control").astype(bool)] = True
+        return mask
+
+    def _load_control_pool(self) -> None:
+        start, stop = self.store.array("conditions/start"), self.store.array("conditions/stop")
+        is_ctrl = self.store.array("conditions/is_control").astype(bool)
+        rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(start[is_ctrl], stop[is_ctrl])]
+                              or [np.zeros(0, np.int64)])
+        if rows.size == 0:
+            raise ValueError("the store has no control cells; GEARS pairs each perturbed cell with a control cell")
+        if rows.size > self.cfg.control_pool_cells:
+            rows = np.sort(_rng(self.seed, self.rank, 0xC7).choice(rows, self.cfg.control_pool_cells, replace=False))
+        types = np.asarray(self._obs_type.oindex[rows]).astype(np.int64)
+        order = np.argsort(types, kind="stable")
+        rows, types = rows[order], types[order]
+        self.pool = torch.from_numpy(self._read_rows(rows))
+        counts = np.bincount(types)
+        starts = np.cumsum(counts) - counts
+        # a cell type absent from the pool (or beyond it) is paired with controls of any type
+        missing = counts == 0
+        starts[missing], counts[missing] = 0, rows.size
+        self._pool_start, self._pool_count = starts, counts
+
+    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Read sorted global rows as contiguous runs (one slice per run, no scattered reads)."""
+        if rows.size == 0:
+            return np.zeros((0, self.store.num_genes), np.float32)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        runs = np.split(rows, breaks)
+        out = np.concatenate([np.asarray(self._X[int(r[0]):int(r[-1]) + 1], dtype=np.float32) for r in runs])
+        self.bytes_read = getattr(self, "bytes_read", 0) + out.nbytes
+        return out
+
+    def _read_units(self, units: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Rows kept from `units`, with their X rows, condition and cell type. One contiguous slice per
+        unit (a unit lies inside one chunk, so each chunk is decoded once), then the kept rows."""
+        rows, xs, conds, types = [], [], [], []
+        for u in units.tolist():
+            a, b = int(self.plan.unit_start[u]), int(self.plan.unit_stop[u])
+            keep = self.plan.unit_rows(u) - a
+            block = np.asarray(self._X[a:b], dtype=np.float32)
+            self.bytes_read += block.nbytes
+            whole = keep.size == b - a
+            rows.append(keep + a)
+            xs.append(block if whole else block[keep])
+            c = np.asarray(self._obs_cond[a:b]).astype(np.int64)
+            t = np.asarray(self._obs_type[a:b]).astype(np.int64)
+            conds.append(c if whole else c[keep])
+            types.append(t if whole else t[keep])
+        return np.concatenate(rows), np.concatenate(xs), np.concatenate(conds), np.concatenate(types)
+
+    # -- the deterministic plan ------------------------------------------------------------------
+    def _windows(self, epoch: int) -> Iterator[np.ndarray]:
+        """Unit ids of each window, pass after pass (an endless stream for this epoch)."""
+        k = self.cfg.buffer_chunks
+        for pass_ in range(1 << 30):
+            order = _rng(self.seed, epoch, self.rank, pass_, 0x0D).permutation(self.plan.unit_start.size)
+            for w in range(0, order.size, k):
+                yield pass_, w // k, order[w:w + k]
+
+    def _window_order(self, epoch: int, pass_: int, w: int, rows: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        rng = _rng(self.seed, epoch, self.rank, pass_, w, 0x5F)
+        g = self.cfg.group_cells
+        if g == 1:
+            return rng.permutation(rows.size)
+        # runs of g cells of one condition, runs shuffled (a shorter run ends each condition)
+        within = rng.permutation(rows.size)
+        by_cond = within[np.argsort(cond[within], kind="stable")]
+        c_sorted = cond[by_cond]
+        first = np.r_[0, np.flatnonzero(np.diff(c_sorted)) + 1]
+        pos_in_cond = np.arange(rows.size) - np.repeat(first, np.diff(np.r_[first, rows.size]))
+        run_id = np.cumsum(np.r_[True, (pos_in_cond[1:] % g == 0)]) - 1
+        run_perm = rng.permutation(run_id[-1] + 1)
+        return by_cond[np.argsort(run_perm[run_id], kind="stable")]
+
+    def _skip_windows(self, epoch: int, position: int):
+        """Advance the window stream to the one holding `position` (metadata only, no reads)."""
+        windows = self._windows(epoch)
+        done = 0
+        for pass_, w, units in windows:
+            size = int(self.plan.unit_count[units].sum())
+            if done + size > position:
+                return (pass_, w, units), windows, position - done
+            done += size
+        raise AssertionError("window stream ended")
+
+    def _cells(self, epoch: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(y, cond, cell_type, row) batches of exactly batch_size cells from `start_step` on."""
+        b = self.cfg.batch_size
+        first, windows, offset = self._skip_windows(epoch, start_step * b)
+        carry = None
+        window = first
+        for _ in range(self.steps_per_epoch - start_step):
+            while carry is None or carry[0].shape[0] < b:
+                pass_, w, units = window
+                rows, y, cond, ctype = self._read_units(np.sort(units))
+                perm = self._window_order(epoch, pass_, w, rows, cond)[offset:]
+                offset = 0
+                part = (y[perm], cond[perm], ctype[perm], rows[perm])
+                carry = part if carry is None else tuple(np.concatenate([a, p]) for a, p in zip(carry, part))
+                window = next(windows)
+            self.max_buffered_cells = max(self.max_buffered_cells, int(carry[0].shape[0]))
+            out = tuple(a[:b] for a in carry)
+            carry = tuple(a[b:] for a in carry)
+            yield out
+
+    def _make_batch(self, epoch: int, step: int, y: np.ndarray, cond: np.ndarray, ctype: np.ndarray) -> Batch:
+        rng = _rng(self.seed, epoch, self.rank, step, 0xB7)
+        known = ctype < self._pool_start.size
+        safe = np.where(known, ctype, 0)
+        p_start = np.where(known, self._pool_start[safe], 0)
+        p_count = np.where(known, self._pool_count[safe], self.pool.shape[0])
+        pick = p_start + np.floor(rng.random(cond.size) * p_count).astype(np.int64)
+        y_t = torch.from_numpy(y)
+        x_t = self.pool[torch.from_numpy(pick)]
+        cond_t = torch.from_numpy(cond)
+        is_ctrl = (self.pert_index[cond_t] < 0).all(dim=1)
+        x_t[is_ctrl] = y_t[is_ctrl]
+        ucond, inverse = torch.unique(cond_t, return_inverse=True)
+        return Batch(x=x_t, y=y_t, perts=self.pert_index[ucond], inverse=inverse, cond=cond_t,
+                     gene_mask=self.gene_mask[ucond], ucond=ucond)
+
+    def _produce(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        pin = self.device.type == "cuda"
+        for i, (y, cond, ctype, _rows) in enumerate(self._cells(epoch, start_step)):
+            batch = self._make_batch(epoch, start_step + i, y, cond, ctype)
+            yield batch.pin() if pin else batch
+
+    # -- public ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.epoch), "step": int(self.step), "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "steps_per_epoch": self.steps_per_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "steps_per_epoch"):
+            if key in state and int(state[key]) != int(getattr(self, key)):
+                raise ValueError(f"loader state: {key} is {state[key]} in the checkpoint but {getattr(self, key)} "
+                                 f"in this run; resume with the same seed, workers and batch size")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def epoch_batches(self, epoch: int | None = None, start_step: int | None = None) -> Iterator[Batch]:
+        """The batches of an epoch (default: the current one, from the current step), prefetched on a
+        background thread. ``self.step`` counts the batches handed out, for checkpoints."""
+        if epoch is not None:
+            self.epoch = int(epoch)
+            self.step = 0 if start_step is None else int(start_step)
+        elif start_step is not None:
+            self.step = int(start_step)
+        epoch, start = self.epoch, self.step
+        if start >= self.steps_per_epoch:
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.cfg.prefetch_batches)
+        stop = threading.Event()
+        done = object()
+
+        def work():
+            try:
+                for batch in self._produce(epoch, start):
+                    while not stop.is_set():
+                        try:
+                            q.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(done)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+                q.put(exc)
+
+        thread = threading.Thread(target=work, name=f"gears-loader-r{self.rank}", daemon=True)
+        thread.start()
+        non_blocking = self.device.type == "cuda"
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                self.step += 1
+                yield item.to(self.device, non_blocking=non_blocking) if self.device.type != "cpu" else item
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch_batches()
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch

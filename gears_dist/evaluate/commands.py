@@ -1,0 +1,178 @@
+"""`gears-dist evaluate` and `gears-dist predict`.
+
+evaluate RUN_OR_CHECKPOINT: the trained model and every baseline on the split's test conditions,
+per test category -> terminal table, OUT/metrics.{json,csv}, per-condition CSVs, figures (PNG),
+genetic interactions (scores per pair, precision@10 per GI type when the store holds a planted
+ground truth), a cell-eval export, and everything logged to the run's MLflow run.
+Passing a STORE instead of a run evaluates the baselines alone (``--split`` required).
+
+predict RUN_OR_CHECKPOINT: predicted mean expression and change per gene (optionally the
+log-variance of the uncertainty head) for perturbation sets given as arguments, in a file, or as
+all pairs of a gene list, written as AnnData (.h5ad) or CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+
+
+def _is_store(path: pathlib.Path) -> bool:
+    from gears_dist.data.store import MANIFEST
+
+    return (path / MANIFEST).is_file() and (path / "X").exists()
+
+
+def _run_dir_of(path: pathlib.Path) -> pathlib.Path | None:
+    """The run directory that holds a model / checkpoint (for summary.json, mlflow.db)."""
+    for p in (path, *path.parents[:3]):
+        if (p / "summary.json").is_file() or (p / "checkpoints").is_dir():
+            return p
+    return None
+
+
+def _history(run_dir: pathlib.Path | None, meta: dict) -> list[dict]:
+    if run_dir is not None and (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text()).get("history", [])
+    return list(meta.get("history", []))
+
+
+def _mlflow_target(args, run_dir: pathlib.Path | None, meta: dict) -> tuple[str | None, str | None]:
+    """(tracking URI, run id) to log to; (None, None) when there is nowhere to log."""
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    run_id = args.mlflow_run_id
+    if run_dir is not None:
+        summary = run_dir / "summary.json"
+        if run_id is None and summary.is_file():
+            run_id = json.loads(summary.read_text()).get("mlflow_run_id")
+        run_id = run_id or meta.get("mlflow_run_id")
+        if uri is None:
+            cfg_uri = ((meta.get("config") or {}).get("tracking") or {}).get("uri")
+            db = run_dir / "mlflow.db"
+            uri = cfg_uri or (f"sqlite:///{db.resolve()}" if db.is_file() else None)
+    return uri, run_id
+
+
+def cli_evaluate(args) -> int:
+    from gears_dist.data.splits import load_split
+    from gears_dist.data.store import open_store
+    from gears_dist.evaluate import export, pipeline, plots, report
+    from gears_dist.evaluate.predict import TrainedPredictor
+
+    t0 = time.perf_counter()
+    target = pathlib.Path(args.target)
+    predictors, meta, run_dir = {}, {}, None
+    if target.exists() and _is_store(target):
+        store = open_store(target)
+        if not args.split:
+            raise ValueError(f"{str(target)!r} is a store: pass --split KEY (has {sorted(store.components('splits'))}) "
+                             f"to evaluate the baselines, or pass a run directory to evaluate a model")
+        split_key = args.split
+    else:
+        model = TrainedPredictor.load(target, store=args.store, device=args.device)
+        store, meta = model.store, model.meta
+        predictors["gears"] = model
+        split_key = args.split or meta.get("split")
+        run_dir = _run_dir_of(target.resolve())
+    split = load_split(store, split_key)
+    baselines = [b for b in args.baselines.split(",") if b] if args.baselines else []
+    out = pathlib.Path(args.out) if args.out else ((run_dir or target.parent) / "evaluation")
+    out.mkdir(parents=True, exist_ok=True)
+
+    ev = pipeline.evaluate_split(store, split, predictors, baselines=baselines, conditions=args.conditions)
+    title = (f"gears-dist evaluate: {args.conditions} conditions of split {split_key!r} "
+             f"({len(ev.truth.names)} conditions; mean over conditions per category)")
+    print(report.format_table(ev.table, title=title))
+    files = report.write_results(ev.table, out, per_condition=ev.per_condition,
+                                 extra={"split": split_key, "store": str(store.path), "model": str(target),
+                                        "conditions": args.conditions})
+    artifacts = [files["json"], files["csv"]]
+
+    # Genetic interactions: test pairs (the model never saw them), observed + additive + model.
+    gi_metrics = {}
+    truth = pipeline.load_gi_truth(args.gi_truth) if args.gi_truth else pipeline.load_gi_truth(store)
+    pairs = [n for n in ev.truth.names if len(n.split("+")) == 2]
+    figures = []
+    if pairs and not args.no_gi:
+        gi_pred = {k: v for k, v in predictors.items()}
+        scores, precision = pipeline.gi_evaluation(store, pairs, gi_pred, truth=truth or None, k=args.gi_k)
+        from gears_dist.evaluate.gi import rank_gi
+
+        for src, df in scores.items():
+            p = out / f"gi_scores_{src}.csv"
+            df.to_csv(p)
+            ranked = out / f"gi_ranked_{src}.json"  # top pairs per GI type, by the type's rule
+            ranked.write_text(json.dumps(rank_gi(df, top=args.gi_k), indent=1))
+            artifacts += [p, ranked]
+            figures.append(plots.plot_gi_scatter(df, out / f"gi_scatter_{src}.png", truth=truth or None,
+                                                 title=f"genetic interactions: {src} ({len(df)} test pairs)"))
+        if len(precision):
+            p = out / "gi_precision.csv"
+            precision.to_csv(p)
+            artifacts.append(p)
+            print(f"\nGI precision@{args.gi_k} per type (test pairs vs planted ground truth; base_rate = chance):")
+            print(precision.to_string(float_format=lambda v: f"{v:.3f}"))
+            for src, row in precision.iterrows():
+                for t, v in row.items():
+                    if t != "num_pairs" and not np.isnan(v):
+                        gi_metrics[f"gi/precision_at_{args.gi_k}/{src}/{t}"] = float(v)
+
+    if not args.no_figures:
+        history = _history(run_dir, meta)
+        figures += pipeline.make_figures(store, ev, out / "figures", num_conditions=args.num_plot_conditions,
+                                         history=history or None)
+    if args.export_cell_eval:
+        name = "gears" if "gears" in ev.predictions else next(iter(ev.predictions))
+        exp = export.export_cell_eval(store, ev.truth.names, ev.predictions[name], out / "cell_eval",
+                                      categories=ev.categories, predictor=name)
+        print(f"\ncell-eval export: {exp['pred']} vs {exp['real']} (score with: cell-eval run -ap {exp['pred']} "
+              f"-ar {exp['real']} --control-pert ctrl --pert-col target)")
+    artifacts += figures
+
+    uri, run_id = _mlflow_target(args, run_dir, meta)
+    if not args.no_mlflow and uri:
+        run_id = report.log_to_mlflow(ev.table, artifacts, run_id=run_id, tracking_uri=uri,
+                                      run_name=f"evaluate {split_key}", extra_metrics=gi_metrics,
+                                      prefix=args.conditions)
+        print(f"\nMLflow: logged {len(artifacts)} files and the metrics to run {run_id} at {uri}")
+    print(f"\nresults: {files['json']} , {files['csv']}")
+    if figures:
+        print("figures:\n  " + "\n  ".join(str(p) for p in figures))
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cli_predict(args) -> int:
+    from gears_dist.evaluate import predict as P
+
+    sets: list = []
+    for s in args.perts or []:
+        sets.append(P.parse_set(s))
+    if args.perts_file:
+        sets += P.read_sets_file(args.perts_file)
+    pair_genes = list(args.all_pairs or [])
+    if args.all_pairs_file:
+        text = pathlib.Path(args.all_pairs_file).read_text()
+        pair_genes += [g for g in text.replace(",", " ").split() if g]
+    if pair_genes:
+        sets += P.all_pairs(pair_genes)
+    if not sets:
+        raise ValueError("no perturbation sets given: pass --perts A A+B ..., --perts-file FILE or --all-pairs GENES")
+    t0 = time.perf_counter()
+    model = P.TrainedPredictor.load(args.target, store=args.store, device=args.device)
+    sets = model.check_sets(sets)  # every problem reported before any work
+    if args.uncertainty:
+        delta, logvar = model.predict_delta(sets, return_logvar=True)
+    else:
+        delta, logvar = model.predict_delta(sets), None
+    mean = model.control_mean[None, :].astype(np.float32) + delta
+    seconds = time.perf_counter() - t0
+    paths = P.write_predictions(sets, mean, delta, model.genes, args.out, logvar=logvar,
+                                meta={"model": str(args.target), "store": str(model.store.path)})
+    print(f"gears-dist predict: {len(sets)} perturbation set(s) x {len(model.genes)} genes in {seconds:.2f} s "
+          f"-> " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,140 @@
+"""Results out: a readable terminal table, JSON + CSV files, and an MLflow run.
+
+The results table is long-format: one row per (predictor, category) with ``num_conditions``,
+``coverage`` (fraction of the category's conditions the predictor has the information it is meant
+to use for; 1 for the model) and one column per metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+from gears_dist.evaluate.metrics import HIGHER_IS_BETTER, METRICS
+
+SHORT_NAMES = {
+    "mse": "mse", "pearson": "r", "mse_de": "mse_de", "pearson_de": "r_de", "pearson_delta": "r_delta",
+    "pearson_delta_de": "r_delta_de", "mse_top20_de_non_dropout": "mse_nd",
+    "frac_opposite_direction_top20_non_dropout": "opp_nd", "frac_sigma_below_1_non_dropout": "sig1_nd",
+}
+CATEGORY_ORDER = ("combo_seen0", "combo_seen1", "combo_seen2", "unseen_single", "seen_single", "all")
+
+
+def category_sort_key(c: str) -> tuple[int, str]:
+    return (CATEGORY_ORDER.index(c) if c in CATEGORY_ORDER else len(CATEGORY_ORDER) - 1, c)
+
+
+def format_table(table, metrics: Sequence[str] = METRICS, title: str | None = None) -> str:
+    """Fixed-width text: one block per category, predictors in rows, the best value per column starred."""
+    lines = []
+    if title:
+        lines.append(title)
+    cols = [m for m in metrics if m in table.columns]
+    head = f"{'predictor':<14}{'n':>5}{'cover':>7}" + "".join(f"{SHORT_NAMES.get(m, m):>11}" for m in cols)
+    for cat in sorted(table["category"].unique(), key=category_sort_key):
+        sub = table[table["category"] == cat]
+        lines.append("")
+        lines.append(f"[{cat}]")
+        lines.append(head)
+        best = {}
+        for m in cols:
+            vals = sub[m].astype(float)
+            if vals.notna().any():
+                best[m] = vals.max() if HIGHER_IS_BETTER.get(m, True) else vals.min()
+        for _, row in sub.iterrows():
+            cells = []
+            for m in cols:
+                v = float(row[m])
+                text = "nan" if math.isnan(v) else f"{v:.4f}"
+                star = "*" if m in best and not math.isnan(v) and math.isclose(v, best[m], rel_tol=1e-9, abs_tol=1e-12) \
+                    and len(sub) > 1 else " "
+                cells.append(f"{text + star:>11}")
+            cover = row.get("coverage", float("nan"))
+            cover_s = "" if cover is None or (isinstance(cover, float) and math.isnan(cover)) else f"{cover:.2f}"
+            lines.append(f"{str(row['predictor'])[:13]:<14}{int(row['num_conditions']):>5}{cover_s:>7}" + "".join(cells))
+    lines.append("")
+    lines.append("columns: " + ", ".join(f"{SHORT_NAMES.get(m, m)}={m}" for m in cols)
+                 + "; * best in its category; cover = share of conditions a baseline fully covers")
+    return "\n".join(lines)
+
+
+def _clean(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if hasattr(v, "item"):
+        return _clean(v.item())
+    return v
+
+
+def write_results(table, out_dir: str | os.PathLike, extra: Mapping | None = None,
+                  per_condition: Mapping[str, object] | None = None, stem: str = "metrics") -> dict[str, pathlib.Path]:
+    """Write STEM.json (table + extra), STEM.csv and per-condition CSVs; return their paths."""
+    from gears_dist.data.store import atomic_write_text
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    records = [{k: _clean(v) for k, v in r.items()} for r in table.to_dict(orient="records")]
+    doc = {"metrics": records, **({k: v for k, v in extra.items()} if extra else {})}
+    paths["json"] = out / f"{stem}.json"
+    atomic_write_text(paths["json"], json.dumps(doc, indent=1, default=_clean, allow_nan=False))
+    paths["csv"] = out / f"{stem}.csv"
+    atomic_write_text(paths["csv"], table.to_csv(index=False))
+    for name, df in (per_condition or {}).items():
+        p = out / f"per_condition_{name}.csv"
+        atomic_write_text(p, df.to_csv())
+        paths[f"per_condition_{name}"] = p
+    return paths
+
+
+def mlflow_metrics(table, prefix: str = "test") -> dict[str, float]:
+    """Flat MLflow metric names: {prefix}/{category}/{predictor}/{metric}."""
+    out = {}
+    for _, row in table.iterrows():
+        for m in list(METRICS) + ["coverage"]:
+            if m in row and row[m] is not None and not (isinstance(row[m], float) and math.isnan(row[m])):
+                out[f"{prefix}/{row['category']}/{row['predictor']}/{m}"] = float(row[m])
+    return out
+
+
+def log_to_mlflow(table, artifacts: Sequence[str | os.PathLike] = (), *, run_id: str | None = None,
+                  tracking_uri: str | None = None, experiment: str = "gears_dist-evaluate", run_name: str | None = None,
+                  prefix: str = "test", extra_metrics: Mapping[str, float] | None = None,
+                  artifact_path: str = "evaluation") -> str:
+    """Log metrics and files to an MLflow run (an existing one by id, or a new one); return the run id.
+
+    The tracking URI defaults to $MLFLOW_TRACKING_URI (MLflow 3 refuses the file store: use
+    ``sqlite:///path/mlflow.db``). Errors propagate: unlike training, evaluation was asked to log.
+    """
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///runs/x/mlflow.db) or set "
+                         "MLFLOW_TRACKING_URI")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if run_id is None:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+        created = True
+    else:
+        client.get_run(run_id)  # fails clearly on an unknown id
+        created = False
+    metrics = mlflow_metrics(table, prefix)
+    metrics.update({k: float(v) for k, v in (extra_metrics or {}).items() if v is not None and not math.isnan(float(v))})
+    now = int(time.time() * 1000)
+    items = [Metric(k, v, now, 0) for k, v in sorted(metrics.items())]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path)
+    if created:
+        client.set_terminated(run_id)
+    return run_id
