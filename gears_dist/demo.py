@@ -66,6 +66,9 @@ def run_demo(out: str | pathlib.Path, config: str | pathlib.Path | None = None) 
     t = _step(f"4/5 train ({cfg.scaling.num_workers} Ray workers, DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, "
               f"{cfg.train.epochs} epochs) -> {run_dir}")
     summary = train_with_ray(cfg, store_path, run_dir)
+    import ray
+
+    ray.shutdown()  # flushes the workers' log lines now, not in the middle of the evaluation table
     print(f"   {time.perf_counter() - t:.1f} s; MLflow run {summary.get('mlflow_run_id')}")
 
     _step("5/5 evaluate: the model beside the baselines, per test category")

@@ -1,0 +1,1 @@
+"""gears_dist.tune"""
