@@ -10,6 +10,9 @@ export DS_ACCELERATOR ?= cpu
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export RAY_AUTH_MODE ?= token
+# DeepSpeed builds a small CPU op on first use; a cache per checkout stops two checkouts (different include
+# paths) from invalidating each other's build in the shared ~/.cache/torch_extensions.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-slow install bench clean
