@@ -38,7 +38,23 @@ def _search_config(split: str):
 
 
 @pytest.fixture(scope="module")
-def search(tiny_train_store, ray_local, tmp_path_factory):
+def fresh_ray():
+    """A Ray instance of the search's own. Earlier tests' Ray Train runs can leave placement groups
+    reserved on the shared session Ray (its cleaner needs the State API, which runs without the
+    dashboard only partly), and 4 trials on 2 CPUs then wait for CPUs forever."""
+    import ray
+
+    from gears_dist.distributed.launcher import ensure_ray
+    from gears_dist.train.config import RunConfig
+
+    ray.shutdown()
+    ensure_ray(None, RunConfig())
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def search(tiny_train_store, fresh_ray, tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
     tc = _search_config(tiny_train_store["split"])
     with warnings.catch_warnings():
