@@ -15,10 +15,9 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from gears_dist.graphs.graph import GeneGraph
-from gears_dist.graphs.partition import gene_weights, metis_parts
+from gears_dist.graphs.partition import gene_weights, metis_parts, symmetric_adjacency
 
 log = logging.getLogger("gears_dist.graphs")
 _LEAF_SIZE = 2
@@ -28,11 +27,7 @@ def bisection_order(graph: GeneGraph, weights: np.ndarray, seed: int = 0) -> np.
     """Permutation of the graph's nodes from recursive weighted METIS bisection (iterative, so
     deep trees on genome-scale graphs do not hit Python's recursion limit)."""
     n = graph.num_nodes
-    src, dst = graph.edge_index
-    keep = src != dst
-    w = np.maximum(1, np.round(graph.edge_weight[keep] * 1000)).astype(np.int64)
-    adj = sp.coo_matrix((w, (src[keep], dst[keep])), shape=(n, n)).tocsr()
-    adj = adj.maximum(adj.T).tocsr()
+    adj = symmetric_adjacency(graph)
     weights = np.maximum(1, np.asarray(weights, dtype=np.int64))
     out: list[np.ndarray] = []
     stack = [np.arange(n, dtype=np.int64)]

@@ -91,15 +91,20 @@ def gene_weights(condition_genes, num_cells: np.ndarray, nodes: Sequence[str]) -
     return np.ceil(w).astype(np.int64)
 
 
-def metis_csr(graph: GeneGraph, nodes_mask: np.ndarray | None = None):
-    """Symmetric, loop-free (xadj, adjncy, eweights) of the graph (optionally an induced subgraph)
-    for METIS; edge weight = max weight of the two directions scaled to 1..1000."""
+def symmetric_adjacency(graph: GeneGraph) -> sp.csr_matrix:
+    """Symmetric, loop-free integer adjacency for METIS: edge weight = the larger weight of the two
+    directions, scaled to 1..1000 (METIS takes integer weights)."""
     n = graph.num_nodes
     src, dst = graph.edge_index
     keep = src != dst
     w = np.maximum(1, np.round(graph.edge_weight[keep] * 1000)).astype(np.int64)
     a = sp.coo_matrix((w, (src[keep], dst[keep])), shape=(n, n)).tocsr()
-    a = a.maximum(a.T).tocsr()
+    return a.maximum(a.T).tocsr()
+
+
+def metis_csr(graph: GeneGraph, nodes_mask: np.ndarray | None = None):
+    """(xadj, adjncy, eweights) of `symmetric_adjacency` (optionally an induced subgraph) for METIS."""
+    a = symmetric_adjacency(graph)
     if nodes_mask is not None:
         sel = np.flatnonzero(nodes_mask)
         a = a[sel][:, sel].tocsr()
