@@ -14,6 +14,7 @@ spill buckets -- one extra write and read of the non-zeros, plus two per-cell fl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 from collections.abc import Iterator
@@ -28,6 +29,18 @@ NUMERIC_KINDS = "iufb"
 
 class H5adError(ValueError):
     """The file is not a readable h5ad; the message names the problem and the fix."""
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """HDF5's errors while reading `what` (damaged metadata, a compressed chunk that does not decode,
+    data past a zero-filled tail) come out of h5py as bare OSError / RuntimeError: name the file,
+    what was being read, and the fix."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        raise H5adError(f"cannot read {what} from {str(path)!r} ({type(exc).__name__}: {exc}): the file is "
+                        f"truncated or damaged; re-export it (adata.write_h5ad) or copy it again") from exc
 
 
 def _decode(values: np.ndarray) -> np.ndarray:
@@ -47,6 +60,11 @@ class ObsColumn:
 
     def __init__(self, node: h5py.Dataset | h5py.Group, name: str):
         self.name = name
+        self._path = node.file.filename
+        with reading(self._path, f"obs column {name!r}"):
+            self._open(node, name)
+
+    def _open(self, node: h5py.Dataset | h5py.Group, name: str) -> None:
         enc = node.attrs.get("encoding-type", "")
         enc = enc.decode() if isinstance(enc, bytes) else enc
         self._categorical = enc == "categorical"
@@ -72,14 +90,16 @@ class ObsColumn:
         self.num_rows = int((self._codes if self._categorical else self._values).shape[0])
 
     def codes(self, start: int, stop: int) -> np.ndarray:
-        if self._categorical:
-            return self._codes[start:stop].astype(np.int64)
-        values = self._values
-        block = values.asstr()[start:stop] if values.dtype.kind in "OS" else values[start:stop]
-        block = np.asarray(block)
+        with reading(self._path, f"obs column {self.name!r} rows {start}..{stop - 1}"):
+            if self._categorical:
+                return self._codes[start:stop].astype(np.int64)
+            values = self._values
+            block = values.asstr()[start:stop] if values.dtype.kind in "OS" else values[start:stop]
+            block = np.asarray(block)
+            mask = self._mask[start:stop].astype(bool) if self._mask is not None else None
         missing = pd.isna(block) if block.dtype.kind in "Ofc" else np.zeros(len(block), bool)
-        if self._mask is not None:
-            missing |= self._mask[start:stop].astype(bool)
+        if mask is not None:
+            missing |= mask
         strings = pd.Series(block).astype(str).to_numpy(dtype=object)
         local, uniques = pd.factorize(strings)
         lookup = np.empty(len(uniques), np.int64)
@@ -115,7 +135,8 @@ class H5adSource:
             raise H5adError(f"input {str(self.path)!r} cannot be opened as HDF5 ({exc}); the file is probably "
                             f"truncated (an interrupted copy or download): copy or write it again") from None
         try:
-            self._check_layout()
+            with reading(self.path, "the file's layout (X, obs, var)"):
+                self._check_layout()
         except BaseException:
             self.file.close()
             raise
@@ -163,8 +184,9 @@ class H5adSource:
 
     @property
     def obs_columns(self) -> list[str]:
-        idx = self._attr(self.file["obs"], "_index")
-        return [k for k in self.file["obs"] if k != idx and k != "__categories"]
+        with reading(self.path, "the obs table"):
+            idx = self._attr(self.file["obs"], "_index")
+            return [k for k in self.file["obs"] if k != idx and k != "__categories"]
 
     @staticmethod
     def _attr(node, key):
@@ -172,49 +194,53 @@ class H5adSource:
         return v.decode() if isinstance(v, bytes) else str(v)
 
     def obs_column(self, name: str) -> ObsColumn:
-        return ObsColumn(self.file["obs"][name], name)
+        with reading(self.path, f"obs column {name!r}"):
+            node = self.file["obs"][name]
+        return ObsColumn(node, name)
 
     def cell_ids(self, start: int, stop: int) -> np.ndarray:
-        ds = self.file["obs"][self._attr(self.file["obs"], "_index")]
-        return np.asarray(ds.asstr()[start:stop], dtype=object)
+        with reading(self.path, f"obs_names rows {start}..{stop - 1}"):
+            ds = self.file["obs"][self._attr(self.file["obs"], "_index")]
+            return np.asarray(ds.asstr()[start:stop], dtype=object)
 
     def var(self) -> pd.DataFrame:
         """The var table (genes; small)."""
         from anndata.io import read_elem
 
-        try:
+        with reading(self.path, "var"):
             return read_elem(self.file["var"])
-        except OSError as exc:
-            raise H5adError(f"cannot read var from {str(self.path)!r} ({exc}); the file is probably truncated: "
-                            f"write it again") from None
 
     # -- X ---------------------------------------------------------------------------------------
     def nnz(self) -> int:
         if self.x_format == "dense":
             return self.num_cells * self.num_genes
-        return int(self.file["X"]["indptr"][-1])
+        with reading(self.path, "X/indptr"):
+            return int(self.file["X"]["indptr"][-1])
 
     def row_block(self, start: int, stop: int) -> sp.csr_matrix | np.ndarray:
         """Rows [start, stop) as CSR (sparse sources) or a dense ndarray; CSC is not row-readable."""
-        if self.x_format == "dense":
-            return self.file["X"][start:stop]
-        assert self.x_format == "csr", "CSC is read by column blocks"
-        if self._backed is None:
-            from anndata.io import sparse_dataset
+        with reading(self.path, f"X rows {start}..{stop - 1}"):
+            if self.x_format == "dense":
+                return self.file["X"][start:stop]
+            assert self.x_format == "csr", "CSC is read by column blocks"
+            if self._backed is None:
+                from anndata.io import sparse_dataset
 
-            self._backed = sparse_dataset(self.file["X"])
-        block = self._backed[start:stop]
+                self._backed = sparse_dataset(self.file["X"])
+            block = self._backed[start:stop]
         return block if isinstance(block, sp.csr_matrix) else sp.csr_matrix(block)
 
     def csc_indptr(self) -> np.ndarray:
-        return self.file["X"]["indptr"][...].astype(np.int64)
+        with reading(self.path, "X/indptr"):
+            return self.file["X"]["indptr"][...].astype(np.int64)
 
     def column_block(self, g0: int, g1: int, indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Non-zeros of genes [g0, g1) of a CSC X: (row, gene, value) arrays."""
         x = self.file["X"]
         lo, hi = int(indptr[g0]), int(indptr[g1])
-        rows = x["indices"][lo:hi].astype(np.int64)
-        vals = x["data"][lo:hi]
+        with reading(self.path, f"X columns {g0}..{g1 - 1}"):
+            rows = x["indices"][lo:hi].astype(np.int64)
+            vals = x["data"][lo:hi]
         genes = np.repeat(np.arange(g0, g1, dtype=np.int64), np.diff(indptr[g0:g1 + 1]))
         return rows, genes, vals
 

@@ -51,7 +51,9 @@ from gears_dist.data.store import (
     building_store,
     file_fingerprint,
     open_store,
-    temp_sibling,
+    owned_temp_dir,
+    release_temp_dir,
+    remove_stale_temp_dirs,
     write_manifest,
 )
 
@@ -768,16 +770,19 @@ def ingest(input_path, store_path, *, condition_key=None, control_values=None, s
                 _route_rows(src, obs, conds, norm, keep, writer, None, rows_per_block, bounds)
                 spill_bytes = 0
             else:
-                spill = SpillBuckets(temp_sibling(store_path, "spill"), bounds)
+                remove_stale_temp_dirs(store_path, "spill")  # left by ingests killed outright
+                spill_dir = owned_temp_dir(store_path, "spill", create=False)
                 try:
+                    spill = SpillBuckets(spill_dir, bounds)
                     if src.x_format == "csc":
                         _route_csc(src, obs, conds, norm, keep, spill, scan, max_nnz, rows_per_block)
                     else:
                         _route_rows(src, obs, conds, norm, keep, writer, spill, rows_per_block, bounds)
                     spill_bytes = spill.bytes_written
                     _write_buckets(spill, writer, num_genes)
-                finally:
                     spill.cleanup()
+                finally:
+                    release_temp_dir(spill_dir)  # the spill files and the owner record, in every case
             root.attrs.update({"cell_types": obs.cell_types, "batches": obs.batches,
                                "condition_order": order, "normalization": norm["choice"]})
             _write_tables(root, conds, symbols, source_names, keep, is_hvg)

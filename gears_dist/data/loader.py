@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from gears_dist.config import require
-from gears_dist.data.store import Store
+from gears_dist.data.store import Store, read_checked
 
 Sharding = Literal["graph", "random"]
 
@@ -252,9 +252,9 @@ class ShardLoader:
         # the reference's loss keeps, per condition, the genes with non-zero mean; every gene for controls
         stats = store.root["stats"]
         if "nonzero_frac" in stats:
-            mask = np.asarray(stats["nonzero_frac"][...] > 0)
+            mask = np.asarray(read_checked(stats["nonzero_frac"]) > 0)
         else:
-            mask = np.asarray(stats["mean"][...] != 0)
+            mask = np.asarray(read_checked(stats["mean"]) != 0)
         mask[store.array("conditions/is_control").astype(bool)] = True
         return mask
 
@@ -267,7 +267,7 @@ class ShardLoader:
             raise ValueError("the store has no control cells; GEARS pairs each perturbed cell with a control cell")
         if rows.size > self.cfg.control_pool_cells:
             rows = np.sort(_rng(self.seed, self.rank, 0xC7).choice(rows, self.cfg.control_pool_cells, replace=False))
-        types = np.asarray(self._obs_type.oindex[rows]).astype(np.int64)
+        types = np.asarray(read_checked(self._obs_type, rows, orthogonal=True)).astype(np.int64)
         order = np.argsort(types, kind="stable")
         rows, types = rows[order], types[order]
         self.pool = torch.from_numpy(self._read_rows(rows))
@@ -284,7 +284,8 @@ class ShardLoader:
             return np.zeros((0, self.store.num_genes), np.float32)
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         runs = np.split(rows, breaks)
-        out = np.concatenate([np.asarray(self._X[int(r[0]):int(r[-1]) + 1], dtype=np.float32) for r in runs])
+        out = np.concatenate([np.asarray(read_checked(self._X, slice(int(r[0]), int(r[-1]) + 1)), dtype=np.float32)
+                              for r in runs])
         self.bytes_read = getattr(self, "bytes_read", 0) + out.nbytes
         return out
 
@@ -295,13 +296,13 @@ class ShardLoader:
         for u in units.tolist():
             a, b = int(self.plan.unit_start[u]), int(self.plan.unit_stop[u])
             keep = self.plan.unit_rows(u) - a
-            block = np.asarray(self._X[a:b], dtype=np.float32)
+            block = np.asarray(read_checked(self._X, slice(a, b)), dtype=np.float32)
             self.bytes_read += block.nbytes
             whole = keep.size == b - a
             rows.append(keep + a)
             xs.append(block if whole else block[keep])
-            c = np.asarray(self._obs_cond[a:b]).astype(np.int64)
-            t = np.asarray(self._obs_type[a:b]).astype(np.int64)
+            c = np.asarray(read_checked(self._obs_cond, slice(a, b))).astype(np.int64)
+            t = np.asarray(read_checked(self._obs_type, slice(a, b))).astype(np.int64)
             conds.append(c if whole else c[keep])
             types.append(t if whole else t[keep])
         return np.concatenate(rows), np.concatenate(xs), np.concatenate(conds), np.concatenate(types)

@@ -25,6 +25,8 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from gears_dist.data.store import read_checked, reading
+
 STATS_CODEC = ZstdCodec(level=3)
 STATS_CHUNK_BYTES = 4 << 20
 
@@ -112,9 +114,9 @@ def write_stats(root: zarr.Group, *, num_top_de: int = 20, memory_budget_mb: int
     """Compute stats/ of a store group holding X, conditions/start|stop|is_control (see store.py)."""
     x = root["X"]
     num_cells, num_genes = (int(v) for v in x.shape)
-    start = root["conditions/start"][...].astype(np.int64)
-    stop = root["conditions/stop"][...].astype(np.int64)
-    is_control = root["conditions/is_control"][...].astype(bool)
+    start = read_checked(root["conditions/start"]).astype(np.int64)
+    stop = read_checked(root["conditions/stop"]).astype(np.int64)
+    is_control = read_checked(root["conditions/is_control"]).astype(bool)
     num_conditions = len(start)
     if np.flatnonzero(is_control).size != 1:
         raise ValueError(f"stats need exactly one control condition, found {int(is_control.sum())}; "
@@ -134,9 +136,10 @@ def write_stats(root: zarr.Group, *, num_top_de: int = 20, memory_budget_mb: int
     c0 = int(np.flatnonzero(is_control)[0])
     ctrl_n = int(stop[c0] - start[c0])
     ctrl = xd[start[c0]:stop[c0]].astype(np.float64)
-    ctrl_sum, ctrl_sq, ctrl_nnz = dask.compute(ctrl.sum(axis=0), (ctrl * ctrl).sum(axis=0),
-                                               (ctrl != 0).sum(axis=0), scheduler="threads",
-                                               num_workers=workers)
+    with reading(x, slice(int(start[c0]), int(stop[c0]))):
+        ctrl_sum, ctrl_sq, ctrl_nnz = dask.compute(ctrl.sum(axis=0), (ctrl * ctrl).sum(axis=0),
+                                                   (ctrl != 0).sum(axis=0), scheduler="threads",
+                                                   num_workers=workers)
     ctrl_mean, ctrl_var = (a[0] for a in _mean_var(ctrl_sum[None], ctrl_sq[None], np.array([ctrl_n])))
     ctrl_zero = ctrl_nnz == 0
 
@@ -177,9 +180,10 @@ def write_stats(root: zarr.Group, *, num_top_de: int = 20, memory_budget_mb: int
     offsets = np.concatenate([[0], np.cumsum(xd.chunks[0])])
     task = dask.delayed(_segment_moments, pure=True)
     for i in range(0, len(blocks), workers):
-        results = dask.compute(*[task(blocks[j], int(offsets[j]), start, stop)
-                                 for j in range(i, min(i + workers, len(blocks)))],
-                               scheduler="threads", num_workers=workers)
+        with reading(x, slice(int(offsets[i]), int(offsets[min(i + workers, len(blocks))]))):
+            results = dask.compute(*[task(blocks[j], int(offsets[j]), start, stop)
+                                     for j in range(i, min(i + workers, len(blocks)))],
+                                   scheduler="threads", num_workers=workers)
         for c_lo, sums, sqs, nnz in results:
             for k in range(len(sums)):
                 part = acc.get(c_lo + k)

@@ -45,18 +45,35 @@ Layout (Zarr v3 directory store; everything below is written by ``gears-dist ing
 Derived components (splits/, graphs/) are built in a temporary directory beside the store and
 renamed into place, then recorded in the manifest, so a failed write never leaves a component
 that looks complete and never destroys the previous one.
+
+Reading: every read of X and of the per-cell arrays goes through `read_checked` (or the `Store`
+methods built on it: `read`, `read_x_rows`, `read_x_cells`, `array`), which turns a chunk that
+Zarr's codecs cannot decode (truncated, zeroed, garbage) into a `StoreError` naming the store, the
+array, the chunk file and its rows, and the fix. A chunk *file* that is missing reads as the fill
+value (Zarr's semantics); a store's completeness is what the manifest, written last, vouches for.
+
+Temporary build directories (``.NAME.building-XXXXXXXX`` beside the destination) come with an owner
+record beside them (``.NAME.building-XXXXXXXX.owner.json``: pid, host, boot id, PID namespace,
+process start time), written before the directory exists. A build killed without cleanup
+(SIGKILL, power loss) leaves its directory behind; the next build of the same destination removes
+those whose owner process is gone on this host, never one whose owner is alive, and warns about
+the ones it cannot judge (other hosts, no owner record).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import socket
 import time
 import uuid
+import warnings
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,6 +84,13 @@ SCHEMA_VERSION = 1
 STORE_FORMAT = "gears_dist.store"
 MANIFEST = "manifest.json"
 COMPONENT_KINDS = ("splits", "graphs")
+# Beside a temporary build directory TMP, the file TMP + OWNER_SUFFIX records who builds it. Beside, not
+# inside: builders may wipe their directory (zarr.open_group(tmp, mode="w") does).
+OWNER_SUFFIX = ".owner.json"
+
+# What a damaged chunk raises from Zarr's codecs: zstd/blosc RuntimeError, gzip zlib.error or
+# EOFError, a short uncompressed chunk ValueError (it does not reshape), an unreadable file OSError.
+CHUNK_READ_ERRORS = (RuntimeError, ValueError, OSError, EOFError, zlib.error)
 
 
 class StoreError(ValueError):
@@ -108,6 +132,148 @@ def temp_sibling(path: pathlib.Path, tag: str = "tmp") -> pathlib.Path:
     return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
 
 
+# -- temporary directories and their owners -------------------------------------------------------
+def _boot_id() -> str:
+    try:
+        return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> float | None:
+    """Start time of a live process (None when it is gone); NaN when it exists but cannot be inspected."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.NoSuchProcess:  # includes zombies: they hold a pid but no longer build anything
+        return None
+    except psutil.AccessDenied:
+        return float("nan")
+
+
+def owner_record() -> dict:
+    """Who is building a temporary directory: enough to tell later whether that process still exists."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "boot_id": _boot_id(),
+            "pid_namespace": _pid_namespace(), "process_start": _process_start(os.getpid()),
+            "created_unix": time.time()}
+
+
+def owner_file(tmp: str | os.PathLike) -> pathlib.Path:
+    """Where the owner record of the temporary directory `tmp` lives (beside it)."""
+    tmp = pathlib.Path(tmp)
+    return tmp.with_name(tmp.name + OWNER_SUFFIX)
+
+
+def owned_temp_dir(dest: str | os.PathLike, tag: str, create: bool = True) -> pathlib.Path:
+    """A fresh temporary sibling of `dest` (``.NAME.TAG-XXXXXXXX``), its owner record written first
+    (`create=False`: only the record; the caller makes the directory).
+
+    When done (renamed into place or removed), call `release_temp_dir`; `remove_stale_temp_dirs(dest, tag)`
+    cleans up after processes that died before they could.
+    """
+    tmp = temp_sibling(pathlib.Path(dest), tag)
+    atomic_write_text(owner_file(tmp), json.dumps(owner_record()))
+    if create:
+        tmp.mkdir()
+    return tmp
+
+
+def release_temp_dir(tmp: str | os.PathLike) -> None:
+    """Remove a temporary directory made by `owned_temp_dir` (if still there) and then its owner record."""
+    tmp = pathlib.Path(tmp)
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    owner_file(tmp).unlink(missing_ok=True)
+
+
+def owner_state(tmp: str | os.PathLike) -> tuple[str, dict]:
+    """('gone' | 'alive' | 'elsewhere' | 'unknown', owner record) of a temporary directory.
+
+    'gone': the owner ran on this host and no longer exists (or the host rebooted since, or its pid
+    now belongs to a younger process); 'elsewhere': another host or PID namespace, which cannot be
+    checked from here; 'unknown': no readable owner record (a build from before owner records, or one
+    killed in the instant between creating the directory and writing the record).
+    """
+    try:
+        rec = json.loads(owner_file(tmp).read_text())
+        pid, host = int(rec["pid"]), str(rec["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown", {}
+    if host != socket.gethostname() or rec.get("pid_namespace", "") != _pid_namespace():
+        return "elsewhere", rec
+    if rec.get("boot_id") and rec["boot_id"] != _boot_id():
+        return "gone", rec
+    start = _process_start(pid)
+    if start is None:
+        return "gone", rec
+    recorded = rec.get("process_start")
+    if isinstance(recorded, (int, float)) and not np.isnan(start) and abs(start - recorded) > 1.0:
+        return "gone", rec  # the pid was reused by a process started later
+    return "alive", rec
+
+
+def remove_stale_temp_dirs(dest: str | os.PathLike, tag: str) -> list[pathlib.Path]:
+    """Remove the temporary siblings ``.NAME.TAG-*`` of `dest` whose owner process is gone; returns them.
+
+    Never touches one whose owner is alive; warns about the ones it cannot judge (another host, no
+    owner record) so that the user can delete them once sure no build is running there.
+    """
+    dest = pathlib.Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    prefix = f".{dest.name}.{tag}-"
+    found = set()
+    for entry in dest.parent.iterdir():
+        if entry.name.startswith(prefix) and not entry.is_symlink():
+            if entry.name.endswith(OWNER_SUFFIX) and entry.is_file():
+                found.add(entry.name[:-len(OWNER_SUFFIX)])
+            elif entry.is_dir():
+                found.add(entry.name)
+    removed, alive, unjudged = [], [], []
+    for name in sorted(found):
+        tmp = dest.parent / name
+        state, rec = owner_state(tmp)
+        if state == "gone":
+            release_temp_dir(tmp)
+            removed.append(tmp)
+        elif state == "alive":
+            alive.append(f"{name} (pid {rec['pid']})")
+        else:
+            where = f"host {rec.get('host')!r}, pid {rec.get('pid')}" if rec else "no owner record"
+            unjudged.append(f"{name} ({where})")
+    if removed:
+        import logging
+
+        logging.getLogger("gears_dist.data").info("removed %d temporary directories of %s left by killed builds: %s",
+                                                  len(removed), dest, [p.name for p in removed])
+    if alive:
+        warnings.warn(f"another process on this host is writing {str(dest)!r} right now ({', '.join(alive)}); "
+                      f"both write their own temporary directory and the last to finish wins", stacklevel=3)
+    if unjudged:
+        warnings.warn(f"{len(unjudged)} temporary directories beside {str(dest)!r} may belong to builds elsewhere "
+                      f"and were left alone: {', '.join(unjudged)}; delete them by hand once no build of "
+                      f"{dest.name} is running there", stacklevel=3)
+    return removed
+
+
+def _remove_replaced_dirs(dest: pathlib.Path) -> None:
+    """Old copies renamed aside by a replacement (``.NAME.replaced-*``) are garbage once `dest` is complete
+    again: a replacement killed while deleting its old copy leaves one."""
+    if not (dest / MANIFEST).is_file():
+        return  # a replacement may be between its two renames: the old copy may be the only one
+    for old in dest.parent.glob(f".{glob.escape(dest.name)}.replaced-*"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def building_store(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
     """Build a whole store in a temporary directory and move it to `dest` only on success.
@@ -118,14 +284,18 @@ def building_store(dest: str | os.PathLike, overwrite: bool = False) -> Iterator
             root = zarr.open_group(tmp, mode="w")
             ... write arrays ...
             write_manifest(tmp, {...})          # last
+
+    Temporary directories of earlier builds of `dest` whose process was killed are removed first
+    (see `remove_stale_temp_dirs`).
     """
     dest = pathlib.Path(dest)
     if dest.exists() and not overwrite:
         raise StoreError(f"destination {str(dest)!r} already exists; pass --overwrite to replace it "
                          f"or choose another path")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(dest, "building")
-    tmp.mkdir()
+    remove_stale_temp_dirs(dest, "building")
+    _remove_replaced_dirs(dest)
+    tmp = owned_temp_dir(dest, "building")
     try:
         yield tmp
         if not (tmp / MANIFEST).is_file():
@@ -137,9 +307,124 @@ def building_store(dest: str | os.PathLike, overwrite: bool = False) -> Iterator
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        release_temp_dir(tmp)  # on success only the owner record is left to remove
+
+
+# -- checked reads ----------------------------------------------------------------------------------
+def read_checked(array: zarr.Array, selection: Any = Ellipsis, *, orthogonal: bool = False) -> np.ndarray:
+    """``array[selection]`` (``array.oindex[selection]`` if `orthogonal`), with a damaged chunk reported as a
+    `StoreError` naming the store, the array, the chunk file and its rows, and the fix.
+
+    The happy path costs one try block; only after a failure are the selection's chunks probed one by
+    one to find the damaged one (an error that no single chunk reproduces is re-raised as it was).
+    """
+    try:
+        return array.oindex[selection] if orthogonal else array[selection]
+    except StoreError:
         raise
+    except CHUNK_READ_ERRORS as exc:
+        raise_if_damaged(array, selection, exc)
+        raise
+
+
+@contextlib.contextmanager
+def reading(array: zarr.Array, selection: Any = Ellipsis) -> Iterator[None]:
+    """For reads `read_checked` cannot wrap (Dask graphs over `array`): a codec error inside the block
+    becomes the `StoreError` of the damaged chunk among `selection`'s rows."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except CHUNK_READ_ERRORS as exc:
+        raise_if_damaged(array, selection, exc)
+        raise
+
+
+def raise_if_damaged(array: zarr.Array, selection: Any, exc: BaseException) -> None:
+    """Probe the chunks under `selection`; raise `StoreError` (from `exc`) for the first that cannot be read."""
+    for coords, region in _chunks_under(array, selection):
+        try:
+            array[region]
+        except CHUNK_READ_ERRORS as probe:
+            raise StoreError(_damaged_message(array, coords, region, probe)) from exc
+
+
+def _first_axis(selection: Any) -> Any:
+    if isinstance(selection, tuple):
+        return selection[0] if selection else Ellipsis
+    return selection
+
+
+def _chunks_under(array: zarr.Array, selection: Any) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    """(chunk coordinates, region) of every chunk in the rows `selection` touches (all columns)."""
+    import itertools
+
+    shape, chunks = tuple(array.shape), tuple(array.chunks)
+    if not shape:
+        yield (), ()
+        return
+    n, c = shape[0], chunks[0]
+    first = _first_axis(selection)
+    rows: Any
+    if isinstance(first, slice):
+        start, stop, _ = first.indices(n)
+        rows = range(start // c, (stop - 1) // c + 1) if stop > start else range(0)
+    elif first is Ellipsis or first is None:
+        rows = range(-(-n // c))
+    else:
+        try:
+            idx = np.asarray(first).ravel()
+            idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64) % max(n, 1)
+            rows = np.unique(idx // c).tolist()
+        except (TypeError, ValueError):
+            rows = range(-(-n // c))
+    others = [range(-(-s // k)) for s, k in zip(shape[1:], chunks[1:])]
+    for coords in itertools.product(rows, *others):
+        yield coords, tuple(slice(i * k, min((i + 1) * k, s)) for i, k, s in zip(coords, chunks, shape))
+
+
+def _array_location(array: zarr.Array) -> tuple[str, str]:
+    """(directory of the gears_dist store holding `array`, the array's path inside it), for messages."""
+    name = array.path or ""
+    root = getattr(array.store_path.store, "root", None)
+    if root is None:
+        return str(array.store_path), name
+    full = pathlib.Path(root) / name if name else pathlib.Path(root)
+    for d in [full, *full.parents][:8]:
+        if (d / MANIFEST).is_file():
+            return str(d), full.relative_to(d).as_posix()
+    return str(root), name or full.name
+
+
+def _rebuild_hint(store_dir: str, name: str) -> str:
+    """The command that rebuilds what holds the damaged array."""
+    kind = name.split("/", 1)[0]
+    if kind in COMPONENT_KINDS:
+        return f"rebuild it with 'gears-dist {kind[:-1]} {store_dir} ... --overwrite'"
+    try:
+        source = json.loads((pathlib.Path(store_dir) / MANIFEST).read_text()).get("source") or {}
+    except (OSError, ValueError):
+        source = {}
+    if source.get("kind") == "synthetic":
+        return "re-run the 'gears-dist simulate ... --format store' that wrote it, with --overwrite"
+    src = source.get("path") or "INPUT.h5ad"
+    return f"re-run 'gears-dist ingest {src} {store_dir} --overwrite'"
+
+
+def _damaged_message(array: zarr.Array, coords: tuple[int, ...], region: tuple[slice, ...],
+                     exc: BaseException) -> str:
+    store_dir, name = _array_location(array)
+    try:
+        shards = getattr(array, "shards", None)
+        key_coords = tuple(i * c // s for i, c, s in zip(coords, array.chunks, shards)) if shards else coords
+        key = array.metadata.encode_chunk_key(key_coords)
+        chunk = f"chunk {name}/{key}" if name else f"chunk {key}"
+    except Exception:  # noqa: BLE001 - naming the file is a courtesy; the rows below identify the chunk
+        chunk = f"a chunk of {name}"
+    rows = f" (rows {region[0].start}..{region[0].stop - 1} of {name!r})" if region else ""
+    return (f"store {store_dir!r}: {chunk}{rows} cannot be read ({type(exc).__name__}: {exc}); the chunk file is "
+            f"truncated or corrupt, so the store is damaged: {_rebuild_hint(store_dir, name)}")
 
 
 def write_manifest(store_dir: str | os.PathLike, content: dict) -> dict:
@@ -196,7 +481,11 @@ class Store:
     # -- shapes and tables ---------------------------------------------------------------------
     @property
     def X(self) -> zarr.Array:
-        return self.root["X"]
+        """The raw Zarr array; read it through `read_x_rows` / `read_x_cells` (damaged chunks named)."""
+        x = self.__dict__.get("_x")
+        if x is None:
+            x = self.__dict__["_x"] = self.root["X"]
+        return x
 
     @property
     def num_cells(self) -> int:
@@ -212,7 +501,23 @@ class Store:
 
     def array(self, key: str) -> np.ndarray:
         """Read a whole (small) array, e.g. ``store.array('conditions/start')``."""
-        return self.root[key][...]
+        return read_checked(self.root[key])
+
+    def read(self, key: str, selection: Any = Ellipsis, *, orthogonal: bool = False) -> np.ndarray:
+        """``root[key][selection]`` (``.oindex`` if `orthogonal`); a damaged chunk raises `StoreError`."""
+        return read_checked(self.X if key == "X" else self.root[key], selection, orthogonal=orthogonal)
+
+    def read_x_rows(self, start: int, stop: int, genes: np.ndarray | None = None) -> np.ndarray:
+        """X[start:stop] (optionally only the columns `genes`): cells `start..stop-1`, one contiguous read."""
+        if genes is None:
+            return read_checked(self.X, slice(int(start), int(stop)))
+        return read_checked(self.X, (slice(int(start), int(stop)), np.asarray(genes)), orthogonal=True)
+
+    def read_x_cells(self, rows: np.ndarray, genes: np.ndarray | None = None) -> np.ndarray:
+        """X at the cells `rows` (sorted reads fastest), all genes or the columns `genes`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        sel = (rows, slice(None) if genes is None else np.asarray(genes))
+        return read_checked(self.X, sel, orthogonal=True)
 
     @property
     def genes(self) -> list[str]:
@@ -266,11 +571,12 @@ class Store:
         if self.has_component(kind, key) and not overwrite:
             raise StoreError(f"store already has {kind[:-1]} {key!r}; pass --overwrite to rebuild it")
         dest = self.path / kind / key
-        tmp = temp_sibling(self.path, f"{kind}-{key}")
-        group = zarr.open_group(tmp, mode="w")
-        if attrs:
-            group.attrs.update(attrs)
+        remove_stale_temp_dirs(self.path, f"{kind}-{key}")
+        tmp = owned_temp_dir(self.path, f"{kind}-{key}")
         try:
+            group = zarr.open_group(tmp, mode="w")
+            if attrs:
+                group.attrs.update(attrs)
             yield group
             parent = self.path / kind
             if not (parent / "zarr.json").exists():
@@ -282,9 +588,8 @@ class Store:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        finally:
+            release_temp_dir(tmp)  # after a success only the owner record is left to remove
         record = json.loads(json.dumps(dict(zarr.open_group(dest, mode="r").attrs)))
         self.manifest.setdefault("components", {}).setdefault(kind, {})[key] = record
         atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2, sort_keys=True))

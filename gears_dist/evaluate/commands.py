@@ -5,6 +5,8 @@ per test category -> terminal table, OUT/metrics.{json,csv}, per-condition CSVs,
 genetic interactions (scores per pair, precision@10 per GI type when the store holds a planted
 ground truth), a cell-eval export, and everything logged to the run's MLflow run.
 Passing a STORE instead of a run evaluates the baselines alone (``--split`` required).
+Every file is written into a staging directory beside OUT and moved into OUT only once everything
+succeeded (`staged_output`): a failure midway leaves OUT as it was.
 
 predict RUN_OR_CHECKPOINT: predicted mean expression and change per gene (optionally the
 log-variance of the uncertainty head) for perturbation sets given as arguments, in a file, or as
@@ -13,10 +15,12 @@ all pairs of a gene list, written as AnnData (.h5ad) or CSV.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -57,10 +61,52 @@ def _mlflow_target(args, run_dir: pathlib.Path | None, meta: dict) -> tuple[str 
     return uri, run_id
 
 
+@contextlib.contextmanager
+def staged_output(out: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yield a temporary sibling of `out` to write into; move its files into `out` only once the block
+    succeeded. A failure (or Ctrl-C) leaves `out` as it was: absent, or holding the previous results.
+
+    `out` absent: the whole directory is renamed into place (atomic). `out` present: each file is
+    moved in atomically, replacing the same-named file; other files there are never touched (the
+    directory may be a run directory, or hold the user's own files).
+    """
+    from gears_dist.data.store import owned_temp_dir, release_temp_dir, remove_stale_temp_dirs
+
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory; pass a directory for the results")
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out, "evaluating")
+    stage = None
+    try:
+        stage = owned_temp_dir(out, "evaluating")
+        yield stage
+        if not out.exists():
+            os.replace(stage, out)
+        else:
+            for src in sorted(stage.rglob("*")):
+                if src.is_file():
+                    dest = out / src.relative_to(stage)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dest)
+    except BaseException:
+        if stage is not None:
+            release_temp_dir(stage)
+            stage = None
+        for p in created:  # the parents this call made, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    finally:
+        if stage is not None:
+            release_temp_dir(stage)  # after a success only the owner record is left to remove
+
+
 def cli_evaluate(args) -> int:
     from gears_dist.data.splits import load_split
     from gears_dist.data.store import open_store
-    from gears_dist.evaluate import export, pipeline, plots, report
+    from gears_dist.evaluate import report
     from gears_dist.evaluate.predict import TrainedPredictor
 
     t0 = time.perf_counter()
@@ -80,8 +126,33 @@ def cli_evaluate(args) -> int:
         run_dir = _run_dir_of(target.resolve())
     split = load_split(store, split_key)
     baselines = [b for b in args.baselines.split(",") if b] if args.baselines else []
-    out = pathlib.Path(args.out) if args.out else ((run_dir or target.parent) / "evaluation")
-    out.mkdir(parents=True, exist_ok=True)
+    final = pathlib.Path(args.out) if args.out else ((run_dir or target.parent) / "evaluation")
+    with staged_output(final) as out:
+        ev, files, artifacts, figures, gi_metrics = _evaluate_into(out, final, args, store, split, split_key,
+                                                                   predictors, meta, run_dir, target, baselines)
+    # every output has landed in `final`: name those paths from now on
+    files = {k: final / pathlib.Path(v).relative_to(out) for k, v in files.items()}
+    artifacts = [final / pathlib.Path(p).relative_to(out) for p in artifacts]
+    figures = [final / pathlib.Path(p).relative_to(out) for p in figures]
+
+    uri, run_id = _mlflow_target(args, run_dir, meta)
+    if not args.no_mlflow and uri:
+        run_id = report.log_to_mlflow(ev.table, artifacts, run_id=run_id, tracking_uri=uri,
+                                      run_name=f"evaluate {split_key}", extra_metrics=gi_metrics,
+                                      prefix=args.conditions)
+        print(f"\nMLflow: logged {len(artifacts)} files and the metrics to run {run_id} at {uri}")
+    print(f"\nresults: {files['json']} , {files['csv']}")
+    if figures:
+        print("figures:\n  " + "\n  ".join(str(p) for p in figures))
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _evaluate_into(out: pathlib.Path, final: pathlib.Path, args, store, split, split_key: str, predictors: dict,
+                   meta: dict, run_dir: pathlib.Path | None, target: pathlib.Path, baselines: list[str]):
+    """The evaluation proper, every file written under `out` (the staging directory; `final` is where
+    they will land, for messages)."""
+    from gears_dist.evaluate import export, pipeline, plots, report
 
     ev = pipeline.evaluate_split(store, split, predictors, baselines=baselines, conditions=args.conditions)
     title = (f"gears-dist evaluate: {args.conditions} conditions of split {split_key!r} "
@@ -129,21 +200,11 @@ def cli_evaluate(args) -> int:
         name = "gears" if "gears" in ev.predictions else next(iter(ev.predictions))
         exp = export.export_cell_eval(store, ev.truth.names, ev.predictions[name], out / "cell_eval",
                                       categories=ev.categories, predictor=name)
-        print(f"\ncell-eval export: {exp['pred']} vs {exp['real']} (score with: cell-eval run -ap {exp['pred']} "
-              f"-ar {exp['real']} --control-pert ctrl --pert-col target)")
+        pred, real = (final / pathlib.Path(exp[k]).relative_to(out) for k in ("pred", "real"))
+        print(f"\ncell-eval export: {pred} vs {real} (score with: cell-eval run -ap {pred} "
+              f"-ar {real} --control-pert ctrl --pert-col target)")
     artifacts += figures
-
-    uri, run_id = _mlflow_target(args, run_dir, meta)
-    if not args.no_mlflow and uri:
-        run_id = report.log_to_mlflow(ev.table, artifacts, run_id=run_id, tracking_uri=uri,
-                                      run_name=f"evaluate {split_key}", extra_metrics=gi_metrics,
-                                      prefix=args.conditions)
-        print(f"\nMLflow: logged {len(artifacts)} files and the metrics to run {run_id} at {uri}")
-    print(f"\nresults: {files['json']} , {files['csv']}")
-    if figures:
-        print("figures:\n  " + "\n  ".join(str(p) for p in figures))
-    print(f"({time.perf_counter() - t0:.1f} s)")
-    return 0
+    return ev, files, artifacts, figures, gi_metrics
 
 
 def cli_predict(args) -> int:

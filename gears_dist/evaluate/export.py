@@ -97,13 +97,13 @@ def export_cell_eval(store, names: Sequence[str], predictions: np.ndarray, out_d
     else:
         ctrl_rows = np.concatenate([np.arange(starts[index[c]], stops[index[c]]) for c in controls])
         ctrl_take = np.sort(rng.choice(ctrl_rows, min(max_cells, ctrl_rows.size), replace=False))
-        real_blocks, real_labels = [store.X.oindex[ctrl_take, :]], [control_name] * ctrl_take.size
+        real_blocks, real_labels = [store.read_x_cells(ctrl_take)], [control_name] * ctrl_take.size
         pred_blocks, pred_labels = [real_blocks[0].copy()], [control_name] * ctrl_take.size
         for n in names:
             rows = _sample_rows(int(starts[index[n]]), int(stops[index[n]]), max_cells, rng)
-            real_blocks.append(store.X.oindex[rows, :])
+            real_blocks.append(store.read_x_cells(rows))
             real_labels += [n] * rows.size
-            base = store.X.oindex[np.sort(rng.choice(ctrl_rows, rows.size, replace=ctrl_rows.size < rows.size)), :]
+            base = store.read_x_cells(np.sort(rng.choice(ctrl_rows, rows.size, replace=ctrl_rows.size < rows.size)))
             shifted = base.astype(np.float64) + (predictions[row_of[n]] - ctrl_mean)[None, :]
             pred_blocks.append(np.clip(shifted, 0.0, None).astype(np.float32))
             pred_labels += [n] * rows.size

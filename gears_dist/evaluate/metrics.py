@@ -111,10 +111,10 @@ def truth_from_store(store, names: Sequence[str]) -> ConditionTruth:
     inverse[order] = np.arange(order.size)
 
     def read(key: str) -> np.ndarray:
-        arr = store.root[key]
         if sorted_rows.size == 0:
+            arr = store.root[key]
             return np.zeros((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
-        return arr.oindex[sorted_rows][inverse]
+        return store.read(key, sorted_rows, orthogonal=True)[inverse]
 
     num_cells = store.array("conditions/num_cells")[rows]
     return ConditionTruth(

@@ -55,8 +55,8 @@ def condition_cells(store, name: str, genes: np.ndarray, max_cells: int = 2000, 
     stop = int(store.array("conditions/stop")[index])
     if stop - start > max_cells:  # a bounded, reproducible sample of a very large condition
         rows = np.sort(np.random.default_rng(seed).choice(np.arange(start, stop), max_cells, replace=False))
-        return store.X.oindex[rows, np.asarray(genes)]
-    return store.X[start:stop][:, np.asarray(genes)]
+        return store.read_x_cells(rows, np.asarray(genes))
+    return store.read_x_rows(start, stop, np.asarray(genes))
 
 
 def plot_top_de(cells: np.ndarray, gene_names: Sequence[str], control_mean: np.ndarray,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gears_dist.data.store import Store, open_store
+from gears_dist.data.store import Store, open_store, reading
 from gears_dist.graphs.config import CoexprConfig, GraphConfig
 from gears_dist.graphs.graph import GeneGraph, sort_edges, top_k_dense_rows, with_self_loops
 
@@ -87,7 +87,8 @@ def correlation_stats(
     num_genes = int(x.shape[1])
     if block_cells is None:
         block_cells = max(int(x.chunks[0]), _TARGET_BLOCK_BYTES // (4 * max(1, num_genes)))
-    blocks = _read_blocks(x, merge_ranges(ranges), block_cells)
+    ranges = merge_ranges(ranges)
+    blocks = _read_blocks(x, ranges, block_cells)
     if not blocks:
         raise ValueError(
             "co-expression: no cells selected (the training split has no control or single-gene "
@@ -100,7 +101,8 @@ def correlation_stats(
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(blocks[0].compute, scheduler="threads")
         for i in range(len(blocks)):
-            block = np.asarray(pending.result(), dtype=np.float32)
+            with reading(x, slice(int(ranges[0, 0]), int(ranges[-1, 1]))):  # a damaged chunk: named, with the fix
+                block = np.asarray(pending.result(), dtype=np.float32)
             if i + 1 < len(blocks):
                 pending = pool.submit(blocks[i + 1].compute, scheduler="threads")
             if shift is None:
