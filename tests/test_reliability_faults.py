@@ -287,66 +287,114 @@ def test_mlflow_server_dies_mid_run_training_goes_on_and_warns_once(tiny_train_s
 
 
 # -- the driver interrupted, then `--resume` ------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_driver_interrupted_then_resume_continues(tiny_train_store, tmp_path, sig):
+RESUME_EPOCHS = 6  # ~1 s each here: room for the epochs a worker completes while the driver stops (1-3 seen)
+
+
+def _driver_cfg(tmp: pathlib.Path) -> pathlib.Path:
+    """One worker, no restarts (the driver's interrupt is what is tested), MLflow off."""
+    path = tmp / "run.yaml"
+    path.write_text(json.dumps({**_train_cfg_dict(epochs=RESUME_EPOCHS), "name": "drv",
+                                "scaling": {"num_workers": 1, "max_failures": 0}}))
+    return path
+
+
+def _train_cmd(store: pathlib.Path, cfg_path: pathlib.Path, out: pathlib.Path) -> list[str]:
+    return [*GEARS_DIST, "train", str(store), "--config", str(cfg_path), "--out", str(out)]
+
+
+def _complete_checkpoints(storage: pathlib.Path) -> dict[int, dict]:
+    """{epoch: metadata} of every checkpoint directory whose files all verify (one Ray was still storing
+    when the driver stopped does not count)."""
     from gears_dist.train import checkpoint as ckpt
 
-    cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(json.dumps({**_train_cfg_dict(epochs=4), "name": "drv",
-                                    "scaling": {"num_workers": 1, "max_failures": 0}}))
-    out = tmp_path / "run"
-    cmd = [*GEARS_DIST, "train", str(tiny_train_store["path"]), "--config", str(cfg_path), "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    storage = out / "ray" / "drv"
+    out = {}
+    for path in storage.glob("epoch_*"):
+        try:
+            meta = ckpt.verify_checkpoint(path)
+        except ckpt.CheckpointError:
+            continue
+        assert path.name == f"epoch_{meta['epoch']:04d}", path
+        out[meta["epoch"]] = meta
+    return out
+
+
+def _trained_epochs(output: str) -> list[int]:
+    return sorted({int(e) for e in re.findall(r"\bepoch (\d+): train_loss", output)})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_driver_run(tiny_train_store, tmp_path_factory) -> dict:
+    """The same command run to the end without interruption: the reference for a resumed run."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    out = tmp / "run"
+    done = subprocess.run(_train_cmd(tiny_train_store["path"], _driver_cfg(tmp), out), check=False, env=_env(),
+                          capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _trained_epochs(done.stdout + done.stderr) == list(range(RESUME_EPOCHS))
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_driver_interrupted_then_resume_continues(tiny_train_store, uninterrupted_driver_run, tmp_path, sig):
+    """`gears-dist train` stopped by SIGINT / SIGTERM once its first checkpoint exists; the same command with
+    --resume trains only the epochs after the newest complete checkpoint on disk (whatever Ray's controller
+    had recorded in checkpoint_manager_snapshot.json), keeps the completed epochs' losses, and ends with the
+    final metrics of an uninterrupted run."""
+    cmd = _train_cmd(tiny_train_store["path"], _driver_cfg(tmp_path), tmp_path / "run")
+    storage = tmp_path / "run" / "ray" / "drv"
+    log = tmp_path / "interrupted.log"  # a file, not a pipe: a full pipe would stall the driver
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 400
-        while not list(storage.glob("epoch_0000")):
-            assert proc.poll() is None, f"train ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}"
+        while not _complete_checkpoints(storage):
+            assert proc.poll() is None, f"train ended before its first checkpoint:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint within 400 s"
-            time.sleep(0.2)
+            time.sleep(0.05)
         os.kill(proc.pid, sig)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             pytest.fail(f"gears-dist train did not stop within 120 s of {sig.name}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode != 0
-    done = sorted(p.name for p in storage.glob("epoch_*"))
-    assert done and len(done) < 4, done  # interrupted mid-run
-    last = max(done)
-    before = {h["epoch"]: h["train_loss"] for h in ckpt.verify_checkpoint(storage / last)["history"]}
-
+    assert proc.returncode != 0, log.read_text()[-3000:]
+    complete = _complete_checkpoints(storage)
+    last = max(complete)
+    assert last < RESUME_EPOCHS - 1, f"the interrupt came after the last epoch: {sorted(complete)}"
+    before = {h["epoch"]: h["train_loss"] for h in complete[last]["history"]}
+    assert sorted(before) == list(range(last + 1))
     snapshot = storage / "checkpoint_manager_snapshot.json"
-    ray_knows = re.findall(r"epoch_\d{4}", snapshot.read_text()) if snapshot.is_file() else []
+    ray_knows = sorted(set(re.findall(r"epoch_\d{4}", snapshot.read_text()))) if snapshot.is_file() else []
+
     # a leftover Ray session of the interrupted driver must not be joined: the rerun starts its own
     rerun = subprocess.run([*cmd, "--resume"], check=False, env=_env(), capture_output=True, text=True, timeout=500)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    history = json.loads((out / "summary.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
-    final = ckpt.verify_checkpoint(max(storage.glob("epoch_*")))
-    assert final["epoch"] == 3
-    # nothing lost: every epoch completed before the interrupt is in the history, unchanged
-    assert before and set(before) <= {h["epoch"] for h in history}
-    for h in history:
-        if h["epoch"] in before:
-            assert h["train_loss"] == pytest.approx(before[h["epoch"]], rel=1e-6)
     output = rerun.stdout + rerun.stderr
-    trained_again = sorted({int(e) for e in re.findall(r"epoch (\d+): train_loss", output)})
-    resumed = re.findall(r"resumed from \S+ at epoch \d+ step \d+", output)
-    print(f"{sig.name}: complete checkpoints on disk {done}; Ray's checkpoint_manager_snapshot.json listed "
-          f"{sorted(set(ray_knows))}; rerun: {resumed or 'no resume line'}, trained epochs {trained_again}")
-    if trained_again != list(range(int(max(before)) + 1, 4)):
-        # Known bug, reported (not strict: whether it shows depends on when the signal lands)
-        pytest.xfail(f"--resume repeated completed epochs {sorted(set(trained_again) & set(map(int, before)))}: "
-                     f"it restarts from the checkpoint Ray's checkpoint_manager_snapshot.json last recorded "
-                     f"({sorted(set(ray_knows))}), not the newest complete one on disk ({done})")
+    assert rerun.returncode == 0, output[-6000:]
+    print(f"{sig.name}: complete checkpoints on disk {sorted(complete)}; Ray's checkpoint_manager_snapshot.json "
+          f"listed {ray_knows}; rerun trained epochs {_trained_epochs(output)}")
+    # continues from the newest complete checkpoint: only the epoch in progress at the interrupt is redone
+    assert re.search(rf"resumed from \S*epoch_{last:04d} at epoch {last + 1} step 0", output), output[-3000:]
+    assert _trained_epochs(output) == list(range(last + 1, RESUME_EPOCHS))
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == list(range(RESUME_EPOCHS))
+    assert _complete_checkpoints(storage)[RESUME_EPOCHS - 1]["epoch"] == RESUME_EPOCHS - 1
+    # nothing lost: the epochs completed before the interrupt are kept as they were
+    for h in summary["history"][:last + 1]:
+        assert h["train_loss"] == before[h["epoch"]]
+    # and the run is the uninterrupted one: every epoch's loss, every final metric. Resume is not bit-exact
+    # (the first resumed epoch's loss differs by ~1e-9 relative, growing to ~1e-4 in the final metrics after
+    # 4 more epochs; see RELIABILITY.md), hence rel 1e-3 for those.
+    reference = uninterrupted_driver_run
+    for h, r in zip(summary["history"], reference["history"]):
+        assert h["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4), (h["epoch"], h, r)
+    assert summary["final"].keys() == reference["final"].keys()
+    for k, v in reference["final"].items():
+        assert summary["final"][k] == pytest.approx(v, rel=1e-3, abs=1e-6), k
 
 
 # -- a Ray Train worker SIGKILLed mid-run ---------------------------------------------------------------------
