@@ -5,7 +5,9 @@
 
 Simulates each rank of a W-worker run in turn (same plan, loader and epoch as training) and prints one
 JSON line per rank: cells/s, MB read, cells held in the shuffle buffer, distinct conditions per batch,
-peak RSS and minor page faults.
+peak RSS and minor page faults, and the GO nodes the rank's GNN must process: the 1-hop in-neighbourhood
+(halo) of the GO nodes its training cells perturb (`go_nodes_halo`), and what training computes
+(`go_nodes_processed`: the halo with graph sharding and W > 1, every node otherwise).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     pert_index = perturbation_index(go.nodes, store.condition_genes())
     part = load_partition(store, keys["partition"]).part_of_condition if keys["partition"] else None
     lcfg = LoaderConfig(batch_size=args.batch, buffer_chunks=args.buffer_chunks, group_cells=args.group_cells)
+    go_src, go_dst = (np.asarray(a) for a in go.to_torch()[0].numpy())
     for rank in range(args.workers):
         plan = plan_shard(store, train, rank, args.workers, sharding=args.sharding, part_of_condition=part)
         loader = ShardLoader(store, plan, pert_index, lcfg, seed=0)
@@ -63,6 +66,8 @@ def main() -> None:
                 break
         dt = time.perf_counter() - t0
         ru = resource.getrusage(resource.RUSAGE_SELF)
+        halo = _halo(pert_index, plan, store, go_src, go_dst, go.num_nodes)
+        processed = halo if args.sharding == "graph" and args.workers > 1 else go.num_nodes
         print(json.dumps({
             "rank": rank, "workers": args.workers, "sharding": args.sharding, "cells": cells,
             "cells_per_s": round(cells / dt), "genes": store.num_genes, "shard_cells": plan.num_cells,
@@ -71,7 +76,31 @@ def main() -> None:
             "mb_per_1k_cells": round((loader.bytes_read - setup_bytes) / 2**20 / max(cells, 1) * 1000, 2),
             "max_buffered_cells": loader.max_buffered_cells,
             "distinct_conditions_per_batch": round(float(np.mean(distinct)), 2),
-            "peak_rss_mb": round(ru.ru_maxrss / 1024), "minor_faults": ru.ru_minflt - faults0}), flush=True)
+            "go_nodes_total": go.num_nodes, "go_nodes_halo": halo, "go_nodes_processed": processed,
+            "peak_rss_mb": round(ru.ru_maxrss / 1024), "minor_faults": ru.ru_minflt - faults0,
+            "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+
+
+def _halo(pert_index, plan, store, src, dst, num_nodes: int) -> int:
+    """GO nodes within one hop (edges into them) of the nodes perturbed by the shard's training cells."""
+    import numpy as np
+
+    codes = np.unique(_shard_codes(plan, store))
+    wanted = pert_index[codes].ravel()
+    mask = np.zeros(num_nodes, dtype=bool)
+    mask[wanted[wanted >= 0]] = True
+    into = mask[dst]
+    mask[src[into]] = True
+    return int(mask.sum())
+
+
+def _shard_codes(plan, store):
+    """Condition codes of the shard's rows (the plan's units, as the loader reads them)."""
+    import numpy as np
+
+    cond = np.asarray(store.root["obs/condition"][...])
+    rows = [plan.unit_rows(u) for u in range(len(plan.unit_start))]
+    return cond[np.concatenate(rows)] if rows else cond[:0]
 
 
 if __name__ == "__main__":
