@@ -227,3 +227,78 @@ def test_bf16_parameters_as_deepspeed_casts_them():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def _trained_for_eval(dtype, **cfg) -> GEARSModel:
+    """A model whose running BatchNorm statistics and affine parameters are off their initial values."""
+    model = make_model(dtype, **cfg).train()
+    x, _y, perts, inverse, _mask, _ctrl = make_batch(dtype)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x, perts, inverse)
+        for name, p in model.named_parameters():
+            if ".norms." in name or name.startswith(("bn_", "gene_b")):
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("uncertainty", [False, True])
+@pytest.mark.parametrize("mode", ["intended", "parity"])
+@pytest.mark.parametrize("recovery_hidden", [None, [12, 10]])
+def test_folded_prediction_equals_layer_by_layer(mode, uncertainty, recovery_hidden):
+    """predict_delta's folded decoder (BatchNorms into Linears, last Linear + BatchNorm into the per-gene map)
+    computes the same function as running the eval layers one by one: float64/float32 to rounding, and under
+    bf16 autocast as close to float32 as the unfolded bf16 computation is."""
+    perts = make_batch()[2]
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        model = _trained_for_eval(dtype, coexpr_mode=mode, uncertainty=uncertainty,
+                                  recovery_hidden_sizes=recovery_hidden)
+        folded = model.predict_delta(perts, return_logvar=True, fold=True)
+        plain = model.predict_delta(perts, return_logvar=True, fold=False)
+        for a, b in zip(folded, plain):
+            if b is None:
+                assert a is None
+                continue
+            assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+    exact = plain
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        folded = model.predict_delta(perts, return_logvar=True, fold=True)
+        plain = model.predict_delta(perts, return_logvar=True, fold=False)
+    for a, b, ref in zip(folded, plain, exact):
+        if ref is None:
+            continue
+        assert a.dtype == torch.float32
+        err_folded, err_plain = (a - ref).abs().max().item(), (b - ref).abs().max().item()
+        assert err_folded <= 2.0 * err_plain + 1e-2 * ref.abs().max().item(), (err_folded, err_plain)
+
+
+def test_folded_prediction_with_bf16_parameters():
+    """DeepSpeed-style bf16 parameters: the folded maps are computed in float32 and predictions stay close."""
+    model = _trained_for_eval(torch.float32, uncertainty=True)
+    perts = make_batch()[2]
+    exact = model.predict_delta(perts, fold=False)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    folded = low.predict_delta(perts, fold=True)
+    plain = low.predict_delta(perts, fold=False)
+    err_folded, err_plain = (folded.float() - exact).abs().max().item(), (plain.float() - exact).abs().max().item()
+    assert err_folded <= 2.0 * err_plain + 2e-2 * exact.abs().max().item(), (err_folded, err_plain)
+
+
+def test_fused_group_moments_equal_autograd_through_centring(monkeypatch):
+    """layers._GroupMoments (one-pass backward) gives the statistics and gradients of autograd through x - pivot,
+    its square and the sums; weights include 0 and one group of weight 5."""
+    from gears_dist.model import layers
+
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.tensor([1.0, 5.0, 0.0, 2.0], dtype=torch.float64)
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(layers, "FUSED_MOMENTS", fused)
+        x = (3.0 * torch.randn(9, 4, 6, generator=gen.manual_seed(4), dtype=torch.float64) + 5.0).requires_grad_()
+        count, s1, s2, pivot = layers.group_sums(x, weight)
+        mean = s1 / count + pivot
+        var = s2 / count - (s1 / count) ** 2
+        (mean.sin().sum() + var.cos().sum()).backward()
+        results[fused] = (mean.detach(), var.detach(), x.grad)
+    for a, b in zip(results[True], results[False]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)

@@ -13,6 +13,8 @@ What it computes is the reference architecture (DESIGN.md "The model"); how it c
 * The BatchNorm after "gene base + perturbation" is computed from gene-level and set-level moments
   (rows are sums of a gene term and a set term), and the decoder's last BatchNorm is folded into the
   per-gene linear map, so neither needs its own pass over the U x G x h tensor.
+* In eval (predict_delta) the recovery MLP's BatchNorms are folded into their Linears and its last Linear +
+  BatchNorm into the per-gene map (`_eval_decoder_maps`): per (set, gene) only the first Linear runs.
 
 In 'parity' co-expression mode the first cell of the batch is its own group whose gene base has the
 co-expression aggregation and every other cell's has none (the reference's batching defect).
@@ -45,6 +47,29 @@ def renormalized(weight: Tensor, max_norm: float = 1.0) -> Tensor:
         norm = weight.norm(dim=1, keepdim=True)
         weight.mul_(torch.where(norm > max_norm, max_norm / (norm + 1e-7), torch.ones_like(norm)))
     return weight
+
+
+def _folded_layers(mlp: MLP, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """An eval-mode MLP's (weight, bias) per layer with its BatchNorm (running statistics) folded in:
+    BN(W x + b) = (s W) x + (s b + t). Computed in `dtype` (float32 or float64), outside autocast."""
+    out = []
+    with torch.no_grad(), torch.autocast(mlp.linears[0].weight.device.type, enabled=False):
+        for linear, norm in zip(mlp.linears, mlp.norms):
+            scale = norm.weight.to(dtype) * torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+            shift = norm.bias.to(dtype) - norm.running_mean.to(dtype) * scale
+            out.append((linear.weight.to(dtype) * scale.unsqueeze(1), linear.bias.to(dtype) * scale + shift))
+    return out
+
+
+def _apply_folded(x: Tensor, layers: list[tuple[Tensor, Tensor]], relu_last: bool = False) -> Tensor:
+    """Folded layers with ReLU between them (and after the last one when relu_last); matmuls in the dtype
+    autocast gives x's device (else x's dtype)."""
+    act = activation_dtype(x.device, x.dtype)
+    for i, (weight, bias) in enumerate(layers):
+        x = torch.nn.functional.linear(x.to(act), weight.to(act), bias.to(act))
+        if relu_last or i < len(layers) - 1:
+            x = torch.relu_(x)
+    return x
 
 
 # Upper bound on elements of the widest cell x gene activation per chunk in predict_delta (memory bound).
@@ -245,6 +270,13 @@ class GEARSModel(nn.Module):
                 b1 = self.gene_w1 @ offset + self.gene_b1
         # Per-gene linear map as one batched matvec over genes: [G, U', h] x [G, h, 1].
         u = torch.bmm(out, w1.to(out.dtype).unsqueeze(-1)).squeeze(-1).to(b1.dtype) + b1.unsqueeze(1)
+        return self._cross_and_output(u, hidden, bn_weight)
+
+    def _cross_and_output(self, u: Tensor, hidden: Tensor, bn_weight: Tensor | None, fold: bool = False
+                          ) -> tuple[Tensor, Tensor | None]:
+        """From the per-gene scalars u [G, U']: cross-gene state, delta [U', G] and logvar [U', G] or None.
+        fold (eval only): the uncertainty head runs with its BatchNorms folded into its Linears."""
+        sync = self._sync()
         u = u.t()
         cross = self.cross_gene(u, bn_weight, sync)
         with torch.autocast(u.device.type, enabled=False):
@@ -252,8 +284,36 @@ class GEARSModel(nn.Module):
             delta = torch.addmm(self.gene_b2 + self.gene_w2[:, 0] * u, cross.to(u.dtype), self.gene_w2[:, 1:].t())
         logvar = None
         if self.uncertainty_head is not None:
-            logvar = self.uncertainty_head(hidden, bn_weight, sync).squeeze(-1).t().to(delta.dtype)
+            if fold and not self.training:
+                logvar = _apply_folded(hidden, _folded_layers(self.uncertainty_head, delta.dtype))
+            else:
+                logvar = self.uncertainty_head(hidden, bn_weight, sync)
+            logvar = logvar.squeeze(-1).t().to(delta.dtype)
         return delta, logvar
+
+    def _eval_decoder_maps(self) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
+        """Eval-mode recovery MLP with every BatchNorm folded into its Linear, and its last Linear + BatchNorm
+        folded into the per-gene map (all linear after the last ReLU):
+            u[g] = w1[g] . (s * (W r + b) + t) + b1[g] = r . v[g] + c[g],
+            v = (w1 * s) @ W  [G, k],   c = w1 @ (s * b + t) + b1  [G],
+        r being the input of the last Linear (width k). Returns (the layers before the last, v, c)."""
+        acc = torch.float64 if self.gene_w1.dtype == torch.float64 else torch.float32
+        *layers, (w_last, b_last) = _folded_layers(self.recovery, acc)
+        with torch.autocast(self.gene_w1.device.type, enabled=False):
+            w1 = self.gene_w1.to(acc)
+            v = w1 @ w_last
+            c = w1 @ b_last + self.gene_b1.to(acc)
+        return layers, v, c
+
+    def _decode_folded(self, hidden: Tensor, maps: tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]
+                       ) -> tuple[Tensor, Tensor | None]:
+        """_decode in eval mode with the maps of _eval_decoder_maps: the last Linear's [G, U', h] output is never
+        formed, so the per-(set, gene) work is the first Linear alone (half of the recovery MLP's)."""
+        layers, v, c = maps
+        r = _apply_folded(hidden, layers, relu_last=True)
+        u = torch.bmm(r, v.to(r.dtype).unsqueeze(-1)).squeeze(-1).to(c.dtype) + c.unsqueeze(1)
+        # (The cross-gene MLP takes the parameters' dtype, as in _decode: bf16 when DeepSpeed cast them.)
+        return self._cross_and_output(u.to(self.gene_b1.dtype), hidden, None, fold=True)
 
     def _groups(self, perts: Tensor, inverse: Tensor, grouped: bool
                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
@@ -317,12 +377,14 @@ class GEARSModel(nn.Module):
         return pred, logvar
 
     @torch.no_grad()
-    def predict_delta(self, perts: Tensor, return_logvar: bool = False
+    def predict_delta(self, perts: Tensor, return_logvar: bool = False, fold: bool = True
                       ) -> Tensor | tuple[Tensor, Tensor | None]:
         """F(S) [U, G] for each perturbation set (eval mode: running BatchNorm statistics, so the
         prediction for a condition is control mean + F(S), with no control cells sampled). Gene-level and
         GO work runs once; the set x gene part is chunked over sets to bound memory. In parity mode this is
-        the reference's prediction for a cell that is not first in its batch."""
+        the reference's prediction for a cell that is not first in its batch.
+        fold: run the decoder with its BatchNorms and last Linear folded into the per-gene map
+        (`_eval_decoder_maps`; the same function, half the work); False runs the layers one by one."""
         if self.training:
             raise RuntimeError("predict_delta needs eval mode (running BatchNorm statistics): call model.eval() first")
         if perts.dim() != 2:
@@ -336,13 +398,14 @@ class GEARSModel(nn.Module):
         go_table = self._go_table()
         widest = max(self.cfg.recovery_sizes)
         chunk = max(1, _PREDICT_CHUNK_ELEMENTS // (self.num_genes * widest))
+        maps = self._eval_decoder_maps() if fold else None
         deltas, logvars = [], []
         for start in range(0, perts.shape[0], chunk):
             part = perts[start:start + chunk]
             weight = torch.ones(part.shape[0], device=device)
             shift = self._set_shift(part, weight, go_table)
             hidden = self._first_hidden(gene_base, shift, None, weight)
-            delta, logvar = self._decode(hidden, None)
+            delta, logvar = self._decode(hidden, None) if maps is None else self._decode_folded(hidden, maps)
             deltas.append(delta)
             logvars.append(logvar)
         delta = torch.cat(deltas) if deltas else torch.zeros(0, self.num_genes, device=device)
