@@ -151,3 +151,13 @@ def test_bad_config_names_field(tmp_path):
     (tmp_path / "d.yaml").write_text("deepspeed:\n  zero_stage: 5\n")
     with pytest.raises(ConfigError, match="zero_stage"):
         load_run_config(tmp_path / "d.yaml")
+
+
+def test_schedule_follows_capped_epochs(tiny_train_store, tmp_path):
+    # With max_steps_per_epoch the epoch is shorter than the loader's; the schedule must count the steps trained,
+    # so cosine over 2 epochs x 2 steps is at half the lr after epoch 0 and at min_lr_ratio after epoch 1.
+    cfg = _cfg(train={"epochs": 2, "max_steps_per_epoch": 2}, optim={"schedule": "cosine", "min_lr_ratio": 0.0},
+               tracking={"enabled": False})
+    summary = run_single(cfg, tiny_train_store["path"], tmp_path)
+    lrs = [h["lr"] for h in summary["history"]]
+    assert lrs == pytest.approx([0.5 * 3e-3, 0.0], abs=1e-9), lrs

@@ -229,7 +229,12 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
         wanted = np.unique(wanted[wanted >= 0])
         go_nodes_used = int(model.restrict_go(torch.from_numpy(wanted)).numel())
 
-    opt_steps = max(1, loader.steps_per_epoch // cfg.deepspeed.grad_accum_steps)
+    # The schedule counts the steps an epoch really takes (a max_steps_per_epoch cap shortens it), so that a
+    # cosine schedule ends at the last step and a step schedule decays per trained epoch.
+    steps_per_epoch = loader.steps_per_epoch
+    if cfg.train.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    opt_steps = max(1, steps_per_epoch // cfg.deepspeed.grad_accum_steps)
     optim_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
     optimizer = optim_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     o = cfg.optim
