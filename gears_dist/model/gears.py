@@ -55,8 +55,7 @@ def _folded_layers(mlp: MLP, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
     out = []
     with torch.no_grad(), torch.autocast(mlp.linears[0].weight.device.type, enabled=False):
         for linear, norm in zip(mlp.linears, mlp.norms):
-            scale = norm.weight.to(dtype) * torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
-            shift = norm.bias.to(dtype) - norm.running_mean.to(dtype) * scale
+            scale, shift = norm.scale_shift(norm.running_mean, norm.running_var, dtype)
             out.append((linear.weight.to(dtype) * scale.unsqueeze(1), linear.bias.to(dtype) * scale + shift))
     return out
 

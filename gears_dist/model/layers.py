@@ -174,11 +174,16 @@ class WeightedBatchNorm1d(nn.Module):
         self.running_var.copy_(torch.where(has_rows, (1 - m) * self.running_var + m * var, self.running_var))
         self.num_batches_tracked.add_(has_rows.to(torch.long))
 
-    def scale_shift(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        """BatchNorm as the affine map x * scale + shift ([C], in the parameters' dtype)."""
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = self.bias - mean * scale
-        return scale.to(self.weight.dtype), shift.to(self.weight.dtype)
+    def scale_shift(self, mean: Tensor, var: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """BatchNorm as the affine map x * scale + shift ([C]), computed and returned in `dtype` when given,
+        else in the parameters' dtype."""
+        if dtype is not None:
+            weight, bias, mean, var = self.weight.to(dtype), self.bias.to(dtype), mean.to(dtype), var.to(dtype)
+        else:
+            weight, bias = self.weight, self.bias
+        scale = weight * torch.rsqrt(var + self.eps)
+        shift = bias - mean * scale
+        return scale.to(weight.dtype), shift.to(weight.dtype)
 
     def forward(self, x: Tensor, group_weight: Tensor | None = None, sync: bool = False) -> Tensor:
         """x: [R, U, C] with group_weight [U] (or [N, C] with [N]); None = every row once."""
