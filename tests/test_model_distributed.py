@@ -33,9 +33,10 @@ def _split(rank: int):
 FAST_PATHS = ("off", "on")
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
+def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    out = {}
     try:
         for fast_path in FAST_PATHS:
             model = make_model(sync_batchnorm=True, fast_path=fast_path).train()
@@ -52,14 +53,19 @@ def _worker(rank: int, port: int, out: dict) -> None:
         out[(rank, "local")] = local(x, perts, inverse)[0].detach()
     finally:
         dist.destroy_process_group()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
-def two_rank_results():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.start_processes(_worker, args=(_free_port(), out), nprocs=2, start_method="spawn")
-    return dict(out)
+def two_rank_results(tmp_path_factory):
+    # Results come back through files, not an mp.Manager: a Manager forks this (pytest) process, and forking a
+    # process that may hold Ray's or gloo's threads is what the spawn start method is for avoiding.
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=2, start_method="spawn")
+    results = {}
+    for rank in range(2):
+        results.update(torch.load(out_dir / f"rank{rank}.pt", weights_only=True))
+    return results
 
 
 @pytest.mark.parametrize("fast_path", FAST_PATHS)
