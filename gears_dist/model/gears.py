@@ -71,6 +71,27 @@ def _apply_folded(x: Tensor, layers: list[tuple[Tensor, Tensor]], relu_last: boo
     return x
 
 
+class _GeneMap(torch.autograd.Function):
+    """Per-gene linear map u[g, u] = x[g, u] . w[g] (x [G, U, h], w [G, h]) as one batched matvec over genes.
+
+    autograd's own bmm backward forms dw as bmm(x^T, du), which reads x transposed (strided: 2.7x / 4.3x slower
+    in bf16 / fp32 on this project's CPU at G = 5,045, B = 32, one thread); here dw = bmm(du, x), the same sums
+    in x's natural layout."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.bmm(x, w.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        dx = torch.bmm(grad.unsqueeze(-1), w.unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(grad.unsqueeze(1), x).squeeze(1) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
 # Upper bound on elements of the widest cell x gene activation per chunk in predict_delta (memory bound).
 _PREDICT_CHUNK_ELEMENTS = 1 << 25
 
@@ -267,8 +288,7 @@ class GEARSModel(nn.Module):
             with torch.autocast(out.device.type, enabled=False):
                 w1 = self.gene_w1 * scale
                 b1 = self.gene_w1 @ offset + self.gene_b1
-        # Per-gene linear map as one batched matvec over genes: [G, U', h] x [G, h, 1].
-        u = torch.bmm(out, w1.to(out.dtype).unsqueeze(-1)).squeeze(-1).to(b1.dtype) + b1.unsqueeze(1)
+        u = _GeneMap.apply(out, w1.to(out.dtype)).to(b1.dtype) + b1.unsqueeze(1)
         return self._cross_and_output(u, hidden, bn_weight)
 
     def _cross_and_output(self, u: Tensor, hidden: Tensor, bn_weight: Tensor | None, fold: bool = False

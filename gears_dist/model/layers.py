@@ -185,8 +185,11 @@ class WeightedBatchNorm1d(nn.Module):
         shift = bias - mean * scale
         return scale.to(weight.dtype), shift.to(weight.dtype)
 
-    def forward(self, x: Tensor, group_weight: Tensor | None = None, sync: bool = False) -> Tensor:
-        """x: [R, U, C] with group_weight [U] (or [N, C] with [N]); None = every row once."""
+    def forward(self, x: Tensor, group_weight: Tensor | None = None, sync: bool = False,
+                relu: bool = False) -> Tensor:
+        """x: [R, U, C] with group_weight [U] (or [N, C] with [N]); None = every row once. relu: apply ReLU to
+        the output in place (on the kernel's own output, before any reshaping view: an in-place op on a view
+        makes autograd copy the whole tensor back through CopySlices/AsStrided in the backward)."""
         single_row = x.numel() == self.num_features  # torch refuses batch statistics of one row
         if not self.training or (native_batch_norm_ok(group_weight, sync) and not single_row):
             # torch's fused kernels: one pass for statistics, one for the output, fused backward.
@@ -194,18 +197,17 @@ class WeightedBatchNorm1d(nn.Module):
                 self.num_batches_tracked.add_(1)
             out = F.batch_norm(x.reshape(-1, self.num_features), self.running_mean, self.running_var, self.weight,
                                self.bias, self.training, self.momentum, self.eps)
-            return out.view(x.shape)
+            return _maybe_relu_(out, relu).view(x.shape)
         if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1 and native_batch_norm_ok(None, sync):
-            return self._one_group(x, group_weight)
+            return self._one_group(x, group_weight, relu)
         if self.training:
             mean, var = self.statistics(*group_sums(x, group_weight), sync=sync)
         else:
             mean, var = self.running_mean, self.running_var
         scale, shift = self.scale_shift(mean, var)
-        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+        return _maybe_relu_(torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)), relu)
 
-
-    def _one_group(self, x: Tensor, group_weight: Tensor) -> Tensor:
+    def _one_group(self, x: Tensor, group_weight: Tensor, relu: bool = False) -> Tensor:
         """One group of R rows, each counting w times (gene-level layers): the statistics are those of the R
         rows, so torch's fused kernel applies; only the running variance's unbiased correction uses w * R."""
         rows = x.reshape(-1, self.num_features)
@@ -213,7 +215,11 @@ class WeightedBatchNorm1d(nn.Module):
         with torch.no_grad():
             var = invstd.to(torch.float32).pow(-2) - self.eps
             self._update_running(group_weight.reshape(()).to(var.dtype) * rows.shape[0], mean.to(var.dtype), var)
-        return out.view(x.shape)
+        return _maybe_relu_(out, relu).view(x.shape)
+
+
+def _maybe_relu_(x: Tensor, relu: bool) -> Tensor:
+    return torch.relu_(x) if relu else x
 
 
 class MLP(nn.Module):
@@ -235,7 +241,7 @@ class MLP(nn.Module):
             x = linear(x)
             if i == num_layers - 1:
                 return norm(x, group_weight, sync) if last_norm else x
-            x = torch.relu_(norm(x, group_weight, sync))
+            x = norm(x, group_weight, sync, relu=True)
         return x
 
 

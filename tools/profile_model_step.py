@@ -1,0 +1,86 @@
+"""Profile one GEARS training step (forward + loss + backward + clip + Adam) with torch.profiler on CPU.
+
+Per-cell path (fast_path='off'), random batches as tools/bench_model.py builds them; fp32 and bf16 autocast.
+Prints the top ops by self CPU time, and the same grouped into the decoder's matmuls and everything else.
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python tools/profile_model_step.py \
+        --scale norman --batch 32 --dtypes fp32 bf16
+
+--package picks the model package to import (e.g. a copy of an older version importable under another name),
+so two versions can be profiled with the same harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools.bench_model import HIDDEN, SCALES, _batches, _conditions, _graphs
+
+# Ops that carry the decoder's (and every other layer's) dense matmul work.
+MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::_addmm_activation", "mkldnn::_linear_pointwise"}
+
+
+def build_step(package: str, scale: str, batch: int, dtype: str, seed: int = 0):
+    import torch
+
+    mod = importlib.import_module(package)
+    num_genes, num_perts = SCALES[scale]
+    (go_i, go_w), (co_i, co_w) = _graphs(num_genes, num_perts)
+    torch.manual_seed(seed)
+    model = mod.GEARSModel(mod.ModelConfig(hidden_size=HIDDEN, fast_path="off"), num_genes, num_perts,
+                           go_i, go_w, co_i, co_w).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
+    loss_cfg = mod.LossConfig()
+    ctrl = torch.rand(num_genes)
+    bf16 = dtype == "bf16"
+
+    def step(b):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred, logvar = model(b["x"], b["perts"], b["inverse"])
+            loss = mod.gears_loss(pred, b["y"], b["inverse"], b["mask"], ctrl, loss_cfg, logvar)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+        opt.step()
+
+    return step, _batches(num_genes, _conditions(num_perts), batch, None, 3)
+
+
+def profile(package: str, scale: str, batch: int, dtype: str, rows: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step, batches = build_step(package, scale, batch, dtype)
+    step(batches[0])
+    step(batches[1])
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batches[2])
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    print(f"\n=== {package} {scale} B={batch} {dtype}: self CPU total {total / 1e3:.1f} ms, "
+          f"matmul ops {mm / 1e3:.1f} ms ({100 * mm / total:.0f}%), other {(total - mm) / 1e3:.1f} ms")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default="norman", choices=sorted(SCALES))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--package", default="gears_dist.model")
+    args = parser.parse_args(argv)
+    for dtype in args.dtypes:
+        profile(args.package, args.scale, args.batch, dtype, args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
