@@ -13,13 +13,13 @@ so two versions can be profiled with the same harness.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.bench_model import HIDDEN, SCALES, _batches, _conditions, _graphs
+from tools.bench_model import SCALES
+from tools.bench_model_ab import build
 
 # Ops that carry the decoder's (and every other layer's) dense matmul work.
 MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
@@ -27,29 +27,9 @@ MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::ma
 
 
 def build_step(package: str, scale: str, batch: int, dtype: str, seed: int = 0):
-    import torch
-
-    mod = importlib.import_module(package)
-    num_genes, num_perts = SCALES[scale]
-    (go_i, go_w), (co_i, co_w) = _graphs(num_genes, num_perts)
-    torch.manual_seed(seed)
-    model = mod.GEARSModel(mod.ModelConfig(hidden_size=HIDDEN, fast_path="off"), num_genes, num_perts,
-                           go_i, go_w, co_i, co_w).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
-    loss_cfg = mod.LossConfig()
-    ctrl = torch.rand(num_genes)
-    bf16 = dtype == "bf16"
-
-    def step(b):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred, logvar = model(b["x"], b["perts"], b["inverse"])
-            loss = mod.gears_loss(pred, b["y"], b["inverse"], b["mask"], ctrl, loss_cfg, logvar)
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
-        opt.step()
-
-    return step, _batches(num_genes, _conditions(num_perts), batch, None, 3)
+    """The same step and batches as tools/bench_model_ab.py times (3 batches: 2 warm-up, 1 profiled)."""
+    step, batches = build(package, scale, batch, dtype, 3, {}, seed)
+    return step, batches
 
 
 def profile(package: str, scale: str, batch: int, dtype: str, rows: int) -> None:
