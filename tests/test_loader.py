@@ -164,3 +164,16 @@ def test_graph_sharding_reads_a_fraction_random_reads_everything(setup):
     graph, rand = read_per_cell_delivered("graph"), read_per_cell_delivered("random")
     assert np.all(graph < 1.3), graph
     assert np.all(rand > 1.6), rand
+
+
+def test_read_rows_in_any_order_is_x_at_those_rows(setup):
+    # the control pool is read chunk by chunk into one array; rows arrive sorted by cell type, not by row
+    store = setup[0]
+    loader = _loader(setup)
+    X = np.asarray(store.X[...], np.float32)
+    rows = np.random.default_rng(0).permutation(store.num_cells)[:min(300, store.num_cells)]
+    assert np.unique(rows // store.chunk_cells).size > 1
+    before = loader.bytes_read
+    np.testing.assert_array_equal(loader._read_rows(rows), X[rows])
+    assert loader.bytes_read - before == rows.size * store.num_genes * 4
+    assert loader._read_rows(np.zeros(0, np.int64)).shape == (0, store.num_genes)

@@ -252,9 +252,14 @@ class ShardLoader:
         # the reference's loss keeps, per condition, the genes with non-zero mean; every gene for controls
         stats = store.root["stats"]
         if "nonzero_frac" in stats:
-            mask = np.asarray(read_checked(stats["nonzero_frac"]) > 0)
+            src, nonzero = stats["nonzero_frac"], np.greater
         else:
-            mask = np.asarray(read_checked(stats["mean"]) != 0)
+            src, nonzero = stats["mean"], np.not_equal
+        # block by block along conditions: the float table (C x G x 4 B, 325 MB at genome scale) is never whole
+        mask = np.empty(src.shape, bool)
+        step = max(1, int(src.chunks[0]))
+        for a in range(0, src.shape[0], step):
+            nonzero(read_checked(src, slice(a, a + step)), 0, out=mask[a:a + step])
         mask[store.array("conditions/is_control").astype(bool)] = True
         return mask
 
@@ -279,13 +284,24 @@ class ShardLoader:
         self._pool_start, self._pool_count = starts, counts
 
     def _read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Read sorted global rows as contiguous runs (one slice per run, no scattered reads)."""
+        """X at global `rows` (any order), read chunk by chunk into one preallocated array.
+
+        Each store chunk the rows touch is decoded once (a pool of scattered control cells would otherwise
+        decode a whole chunk per cell), and the result is allocated before the reads: with the allocator
+        settings used for training (no mmap, no trim) per-read result pieces interleaved with the freed
+        decode buffers leave heap holes that raise the worker's peak with every read.
+        """
+        out = np.empty((rows.size, self.store.num_genes), np.float32)
         if rows.size == 0:
-            return np.zeros((0, self.store.num_genes), np.float32)
-        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        runs = np.split(rows, breaks)
-        out = np.concatenate([np.asarray(read_checked(self._X, slice(int(r[0]), int(r[-1]) + 1)), dtype=np.float32)
-                              for r in runs])
+            return out
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        chunk_of = sorted_rows // self.store.chunk_cells
+        bounds = np.r_[0, np.flatnonzero(np.diff(chunk_of)) + 1, rows.size]
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            first, last = int(sorted_rows[lo]), int(sorted_rows[hi - 1])
+            block = read_checked(self._X, slice(first, last + 1))
+            out[order[lo:hi]] = block[sorted_rows[lo:hi] - first]
         self.bytes_read = getattr(self, "bytes_read", 0) + out.nbytes
         return out
 
