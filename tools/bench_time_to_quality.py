@@ -115,8 +115,15 @@ def synthetic_screen(dest: pathlib.Path) -> pathlib.Path:
 
     from gears_dist.data.synthetic import preset, write_h5ad
 
+    spec_file = dest.with_name("synth_spec.json")
     if dest.exists():
+        made = json.loads(spec_file.read_text()) if spec_file.exists() else {**SYNTH_SPEC, "num_cells": 2400,
+                                                                                "num_genes": 500}
+        if made != SYNTH_SPEC:
+            raise ValueError(f"{dest} was generated with {made}, this run asks for {SYNTH_SPEC}: "
+                             f"use another --workdir for another screen size")
         return dest
+    spec_file.write_text(json.dumps(SYNTH_SPEC))
     raw = dest.with_name(dest.stem + ".raw.h5ad")
     write_h5ad(preset("norman", **SYNTH_SPEC), raw, overwrite=True)
     a = ad.read_h5ad(raw)
@@ -698,7 +705,13 @@ def main(argv=None) -> int:
     p.add_argument("--attach", action="store_true", help="with --reuse-reference: wait for a reference run "
                    "already started in WORKDIR/DATASET instead of starting one")
     p.add_argument("--workdir", default=str(REPO / ".bench" / "ttq"))
+    p.add_argument("--synth-size", nargs=3, type=int, metavar=("CELLS", "GENES", "PER_KIND"), default=None,
+                   help="the generated screen's cells, genes, and number of singles (= of doubles); default "
+                        f"{SYNTH_SPEC['num_cells']} {SYNTH_SPEC['num_genes']} {SYNTH_SPEC['num_singles']}")
     args = p.parse_args(argv)
+    if args.synth_size:
+        cells, genes, per_kind = args.synth_size
+        SYNTH_SPEC.update(num_cells=cells, num_genes=genes, num_singles=per_kind, num_doubles=per_kind)
     if args.command == "_variant":
         return cmd_variant(args)
     if args.command == "table":
