@@ -14,6 +14,8 @@ export RAY_AUTH_MODE ?= token
 # paths) from invalidating each other's build in the shared ~/.cache/torch_extensions.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 PYTEST_ARGS ?=
+# Unbuffered: if a test process dies, the log shows how far it got (a pipe would hold pytest's last lines).
+export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-slow install bench clean
 
@@ -33,11 +35,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gears-dist demo --out runs/demo
 
+# On failure, tools/diagnose.sh prints what the test log cannot show (Ray's own logs, OOM kills, memory).
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS) || { sh tools/diagnose.sh; exit 1; }
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS) || { sh tools/diagnose.sh; exit 1; }
 
 clean:
 	rm -rf runs .pytest_cache

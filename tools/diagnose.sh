@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Printed by .ci/run when it fails: what the test log cannot show (Ray's own logs of the last local session,
-# kernel OOM kills, memory and disk).
+# Run by `make test` / `make test-slow` when they fail: what the test log cannot show (Ray's own logs of the
+# last local session, kernel OOM kills, memory and disk).
 echo "=== diagnose: $(date -u +%FT%TZ)"
 free -m || true
 df -h . /tmp || true
