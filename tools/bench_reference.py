@@ -7,6 +7,7 @@ process (wall time, peak RSS, minor page faults), and prints the ours/reference 
     .venv/bin/python tools/bench_reference.py run --screen norman   # ~91k cells x 5,045 genes (tables 1-3)
     .venv/bin/python tools/bench_reference.py run --screen subset   # the real Norman subset (3,275 x 500)
     .venv/bin/python tools/bench_reference.py memfit --cells 10000 30000   # reference prep memory vs cells
+    .venv/bin/python tools/bench_reference.py memfit --cells 91000 --max-s 1200   # stopped at 20 min: lower bounds
 
 Sides:
 - reference: `tools/reference/run_reference.py all` in its own venv (`tools/reference/env.py`): PertData
@@ -41,8 +42,12 @@ GIB = 2**30
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def measure(cmd: list[str], label: str, env: dict | None = None, poll_s: float = 0.1) -> dict:
-    """Run `cmd`, polling the RSS of its process tree; returns wall, peak RSS, minor faults, the last JSON line."""
+def measure(cmd: list[str], label: str, env: dict | None = None, poll_s: float = 0.1,
+            max_s: float | None = None) -> dict:
+    """Run `cmd`, polling the RSS of its process tree; returns wall, peak RSS, minor faults, the last JSON line.
+    With max_s, a run still going after max_s wall seconds is killed (SIGKILL, whole tree) and recorded with
+    `timed_out`: its wall, CPU seconds and peak RSS are then lower bounds of what a full run needs, and
+    `progress_tail` keeps the end of its stderr (tqdm bars, which say how far it got)."""
     import psutil
 
     t0 = time.perf_counter()
@@ -61,7 +66,17 @@ def measure(cmd: list[str], label: str, env: dict | None = None, poll_s: float =
         t.start()
     peak = 0
     root = psutil.Process(proc.pid)
+    timed_out = False
     while proc.poll() is None:
+        if max_s is not None and time.perf_counter() - t0 > max_s:
+            timed_out = True
+            for p in [*root.children(recursive=True), root]:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            proc.wait()
+            break
         try:
             procs = [root, *root.children(recursive=True)]
             rss = 0
@@ -90,7 +105,12 @@ def measure(cmd: list[str], label: str, env: dict | None = None, poll_s: float =
             except json.JSONDecodeError:
                 pass
     record["result"] = parsed
-    if proc.returncode != 0:
+    if timed_out:
+        record["timed_out"] = True
+        record["max_s"] = max_s
+        record["progress_tail"] = "".join(err_lines)[-600:]
+        print(f"[bench] {label} stopped after {max_s} s (lower bounds recorded)", file=sys.stderr, flush=True)
+    elif proc.returncode != 0:
         record["stderr_tail"] = "".join(err_lines[-30:])
         print(f"[bench] {label} FAILED rc={proc.returncode}\n{record['stderr_tail']}", file=sys.stderr, flush=True)
     return record
@@ -114,9 +134,9 @@ class ChildUsage:
         self.maxrss_mb = r1.ru_maxrss / 1024.0  # max over all children so far (only grows)
 
 
-def run_measured(cmd: list[str], label: str, env: dict | None = None) -> dict:
+def run_measured(cmd: list[str], label: str, env: dict | None = None, max_s: float | None = None) -> dict:
     with ChildUsage() as u:
-        rec = measure(cmd, label, env)
+        rec = measure(cmd, label, env, max_s=max_s)
     rec["minor_faults"] = u.minor_faults
     rec["cpu_s"] = round(u.cpu_s, 1)
     rec["peak_rss_mb"] = rec["peak_tree_rss_mb"]
@@ -363,23 +383,36 @@ def run_memfit(args) -> dict:
 
     env = bench_env()
     py_ref = reference_python()
-    points = []
+    points, lower_bounds = [], []
     for n in args.cells:
         h5ad = screen_h5ad("norman", n)
         data_dir = BENCH / f"memfit_{n}_data"
         reference_go_files(h5ad, data_dir)
         rec = run_measured([str(py_ref), "tools/reference/run_reference.py", "prepare", str(h5ad), str(data_dir),
-                            "--out", str(BENCH / f"memfit_{n}.json")], f"memfit: reference prepare {n} cells", env)
+                            "--out", str(BENCH / f"memfit_{n}.json")], f"memfit: reference prepare {n} cells", env,
+                           max_s=args.max_s)
         r = rec.get("result") or {}
-        points.append({"cells": n, "genes": r.get("num_genes"), "prepare_s": (r.get("prepare") or {}).get("wall_s"),
-                       "peak_rss_mb": (r.get("prepare") or {}).get("peak_rss_mb_after"),
-                       "tree_peak_mb": rec["peak_rss_mb"], "minor_faults": rec["minor_faults"], "cpu_s": rec["cpu_s"]})
+        point = {"cells": n, "genes": r.get("num_genes"), "prepare_s": (r.get("prepare") or {}).get("wall_s"),
+                 "peak_rss_mb": (r.get("prepare") or {}).get("peak_rss_mb_after"),
+                 "tree_peak_mb": rec["peak_rss_mb"], "minor_faults": rec["minor_faults"], "cpu_s": rec["cpu_s"]}
+        if rec.get("timed_out"):
+            # Not finished: wall, CPU and peak so far are lower bounds, and no point for the fit.
+            point.update(timed_out=True, wall_s_lower_bound=rec["wall_s"], progress_tail=rec["progress_tail"])
+            lower_bounds.append(point)
+            continue
+        points.append(point)
+    if not points:
+        out = {"kind": "memfit", "points": [], "lower_bounds": lower_bounds, "load_avg": os.getloadavg()}
+        _append(out)
+        print(json.dumps(out, indent=1))
+        return out
     x = np.array([p["cells"] for p in points], dtype=float)
     y = np.array([p["peak_rss_mb"] for p in points], dtype=float)
     slope, intercept = np.polyfit(x, y, 1) if len(points) > 1 else (y[0] / x[0], 0.0)
     genes = points[0]["genes"]
     per_cell_bytes = slope * 2**20
-    fit = {"kind": "memfit", "points": points, "mb_per_cell": slope, "intercept_mb": intercept,
+    fit = {"kind": "memfit", "points": points, "lower_bounds": lower_bounds, "mb_per_cell": slope,
+           "intercept_mb": intercept,
            "bytes_per_cell_per_gene": per_cell_bytes / genes if genes else None,
            "load_avg": os.getloadavg()}
     for cells, g in ((91000, genes), (2_000_000, 8000)):
@@ -423,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--predict-max", type=int, default=0, help="reference: predict only the first N test conditions")
     s = sub.add_parser("memfit", help="reference preparation peak memory vs cells")
     s.add_argument("--cells", type=int, nargs="+", default=[10000, 30000])
+    s.add_argument("--max-s", type=float, default=None,
+                   help="stop a reference preparation after this many wall seconds and record lower bounds")
     s = sub.add_parser("prep-ours", help="our preparation at the memfit cell counts")
     s.add_argument("--cells", type=int, nargs="+", default=[10000, 30000])
     s = sub.add_parser("_graphs")
