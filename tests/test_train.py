@@ -161,3 +161,51 @@ def test_schedule_follows_capped_epochs(tiny_train_store, tmp_path):
     summary = run_single(cfg, tiny_train_store["path"], tmp_path)
     lrs = [h["lr"] for h in summary["history"]]
     assert lrs == pytest.approx([0.5 * 3e-3, 0.0], abs=1e-9), lrs
+
+
+def test_bn_recalibration_sets_running_statistics_to_the_average_of_k_batches(tiny_train_store):
+    """recalibrate_batchnorm: every BatchNorm's running mean / variance become the plain average of what K
+    training batches give one by one (each measured here with momentum 1), whatever they were before; the
+    loader's position and the momenta are restored."""
+    import itertools
+
+    from gears_dist.model.layers import WeightedBatchNorm1d
+    from gears_dist.train.loop import recalibrate_batchnorm, setup_worker
+
+    k = 3
+    cfg = _cfg(train={"epochs": 1, "log_every": 1000, "bn_recalibration_batches": k}, tracking={"enabled": False})
+    w = setup_worker(cfg, tiny_train_store["path"], 0, 1)
+    model = w.engine.module.train()
+    norms = [m for m in model.modules() if isinstance(m, WeightedBatchNorm1d)]
+    assert len(norms) >= 8
+    stream = w.loader.epoch_batches(0, 0)
+    batches = list(itertools.islice(stream, k))
+    stream.close()
+    per_batch = []
+    with torch.no_grad():
+        for b in batches:
+            for m in norms:
+                m.momentum = 1.0
+            model(b.x, b.perts, b.inverse)
+            per_batch.append([(m.running_mean.clone(), m.running_var.clone()) for m in norms])
+    for m in norms:
+        m.momentum = 0.1
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(7.0)
+    w.loader.epoch, w.loader.step = 1, 0
+
+    assert recalibrate_batchnorm(w, 0) == k
+    assert (w.loader.epoch, w.loader.step) == (1, 0)
+    for i, m in enumerate(norms):
+        assert m.momentum == 0.1
+        mean = torch.stack([stats[i][0] for stats in per_batch]).mean(0)
+        var = torch.stack([stats[i][1] for stats in per_batch]).mean(0)
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-6)
+    # the batches really differ (else any single batch would pass)
+    assert max(float((per_batch[0][i][0] - per_batch[1][i][0]).abs().max()) for i in range(len(norms))) > 1e-3
+
+
+def test_bn_recalibration_batches_must_not_be_negative():
+    with pytest.raises(ConfigError, match="bn_recalibration_batches"):
+        _cfg(train={"bn_recalibration_batches": -1})

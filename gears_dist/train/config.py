@@ -50,9 +50,17 @@ class TrainConfig:
     log_every: int = 50                 # steps between progress lines / step metrics
     eval_batch_conditions: int = 256    # conditions predicted per forward pass in validation
     max_steps_per_epoch: int | None = None  # cap (quick runs, benchmarks); None: the full epoch
+    # Before each validation, re-estimate every BatchNorm's running statistics as the plain average over this
+    # many training batches (forward only, weights untouched) instead of the momentum-0.1 average of the last
+    # ~10 batches. Evaluation uses running statistics, so without it the validation score moves from epoch to
+    # epoch with the composition of the last few batches even once the learning rate is ~0. 0: off (the
+    # reference's behaviour).
+    bn_recalibration_batches: int = 0
 
     def validate(self) -> None:
         require(self.epochs >= 1, "epochs", f"expected >= 1, received {self.epochs}")
+        require(self.bn_recalibration_batches >= 0, "bn_recalibration_batches",
+                f"expected >= 0 (0 = off), received {self.bn_recalibration_batches}")
         require(self.log_every >= 1, "log_every", f"expected >= 1, received {self.log_every}")
         require(self.eval_batch_conditions >= 1, "eval_batch_conditions",
                 f"expected >= 1, received {self.eval_batch_conditions}")

@@ -291,6 +291,41 @@ def train_epoch(w: Worker, epoch: int, start_step: int = 0) -> dict[str, float]:
             "train_steps": float(totals[1] / n_workers)}
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(w: Worker, epoch: int) -> int:
+    """Replace every BatchNorm's running statistics by the average over the first
+    ``train.bn_recalibration_batches`` training batches of `epoch` (forward passes in train mode, no gradient,
+    weights untouched): batch k is given momentum 1 / (k + 1), so after K batches the running mean and variance
+    are the plain means of the K batches' statistics. Every worker runs the same number of batches (collectives
+    of synchronized BatchNorm line up). The loader's position is restored. Returns the number of batches."""
+    from gears_dist.model.layers import WeightedBatchNorm1d
+
+    num = w.cfg.train.bn_recalibration_batches
+    if num <= 0:
+        return 0
+    norms = [m for m in w.engine.module.modules() if isinstance(m, WeightedBatchNorm1d)]
+    momenta = [m.momentum for m in norms]
+    position = (w.loader.epoch, w.loader.step)
+    used = 0
+    w.engine.train()
+    try:
+        batches = w.loader.epoch_batches(epoch, 0)
+        for batch in batches:
+            for m in norms:
+                m.momentum = 1.0 / (used + 1)
+            with _autocast(w):
+                w.engine(batch.x, batch.perts, batch.inverse)
+            used += 1
+            if used >= num:
+                break
+        batches.close()  # stops the prefetch thread now, not at garbage collection
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        w.loader.epoch, w.loader.step = position
+    return used
+
+
 def _metric_sums(pred: torch.Tensor, truth: torch.Tensor, ctrl: torch.Tensor, top_de: torch.Tensor,
                  weight: torch.Tensor) -> torch.Tensor:
     """Per-condition mse, mse_de (top-DE genes) and pearson_delta, summed with `weight` (0 = padding)."""
@@ -482,6 +517,7 @@ def run_worker(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str | os.
     for epoch in range(start_epoch, cfg.train.epochs):
         t_epoch = time.perf_counter()
         stats = train_epoch(w, epoch, start_step if epoch == start_epoch else 0)
+        recalibrate_batchnorm(w, epoch)
         val = evaluate(w, w.val_conditions, "val")
         metrics = {"epoch": epoch, **stats, **val, "lr": float(w.engine.get_lr()[0]),
                    "epoch_time_s": time.perf_counter() - t_epoch, "peak_rss_mb": _peak_rss_mb(),
