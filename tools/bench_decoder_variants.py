@@ -111,9 +111,7 @@ def run_compile(args) -> None:
     for dtype in args.dtypes:
         plain, batches = build("gears_dist.model", args.scale, args.batch, dtype, total + 1, {})
         compiled, _ = build("gears_dist.model", args.scale, args.batch, dtype, total + 1, {})
-        model = next(c.cell_contents for c in compiled.__closure__
-                     if type(c.cell_contents).__name__ == "GEARSModel")
-        model.recovery = torch.compile(model.recovery, dynamic=False)
+        compiled.model.recovery = torch.compile(compiled.model.recovery, dynamic=False)
         floor = matmul_floor(args.batch * SCALES[args.scale][0], dtype)
         t = time.perf_counter()
         compiled(batches[0])

@@ -53,6 +53,7 @@ def build(package: str, scale: str, batch: int, dtype: str, steps: int, options:
         opt.step()
         return float(loss)
 
+    step.model = model  # for tools that change the model before timing (tools/bench_decoder_variants.py)
     return step, _batches(num_genes, _conditions(num_perts), batch, None, steps)
 
 

@@ -401,22 +401,17 @@ def run_memfit(args) -> dict:
             lower_bounds.append(point)
             continue
         points.append(point)
-    if not points:
-        out = {"kind": "memfit", "points": [], "lower_bounds": lower_bounds, "load_avg": os.getloadavg()}
-        _append(out)
-        print(json.dumps(out, indent=1))
-        return out
-    x = np.array([p["cells"] for p in points], dtype=float)
-    y = np.array([p["peak_rss_mb"] for p in points], dtype=float)
-    slope, intercept = np.polyfit(x, y, 1) if len(points) > 1 else (y[0] / x[0], 0.0)
-    genes = points[0]["genes"]
-    per_cell_bytes = slope * 2**20
-    fit = {"kind": "memfit", "points": points, "lower_bounds": lower_bounds, "mb_per_cell": slope,
-           "intercept_mb": intercept,
-           "bytes_per_cell_per_gene": per_cell_bytes / genes if genes else None,
-           "load_avg": os.getloadavg()}
-    for cells, g in ((91000, genes), (2_000_000, 8000)):
-        fit[f"extrapolated_{cells}x{g}_gb"] = (intercept + per_cell_bytes / genes * g * cells / 2**20) / 1024
+    fit = {"kind": "memfit", "points": points, "lower_bounds": lower_bounds, "load_avg": os.getloadavg()}
+    if points:
+        x = np.array([p["cells"] for p in points], dtype=float)
+        y = np.array([p["peak_rss_mb"] for p in points], dtype=float)
+        slope, intercept = np.polyfit(x, y, 1) if len(points) > 1 else (y[0] / x[0], 0.0)
+        genes = points[0]["genes"]
+        per_cell_bytes = slope * 2**20
+        fit.update(mb_per_cell=slope, intercept_mb=intercept,
+                   bytes_per_cell_per_gene=per_cell_bytes / genes if genes else None)
+        for cells, g in ((91000, genes), (2_000_000, 8000)):
+            fit[f"extrapolated_{cells}x{g}_gb"] = (intercept + per_cell_bytes / genes * g * cells / 2**20) / 1024
     _append(fit)
     print(json.dumps(fit, indent=1))
     return fit

@@ -84,9 +84,8 @@ VARIANTS: dict[str, dict] = {
     # Evaluation with BatchNorm statistics averaged over 50 training batches (train.bn_recalibration_batches)
     # instead of the momentum average of the last ~10 batches.
     "ref_fp32_bn_recal50": {"train": {"bn_recalibration_batches": 50}},
-    "bf16_cosine_lr2e-3_bn_recal50": {"deepspeed": {"precision": "bf16"}, "optim": {"lr": 2e-3, "schedule": "cosine"},
-                                      "train": {"bn_recalibration_batches": 50}},
 }
+VARIANTS["bf16_cosine_lr2e-3_bn_recal50"] = {**VARIANTS["bf16_cosine_lr2e-3"], **VARIANTS["ref_fp32_bn_recal50"]}
 
 
 def _load() -> str:

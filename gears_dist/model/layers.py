@@ -30,17 +30,18 @@ def accumulate_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+# torch 2.13 marks the autograd-aware all_reduce used below deprecated, with a FutureWarning on every call (hundreds
+# of log lines per run). Moving to torch.distributed._functional_collectives would need its own gradient tests
+# (tests/test_model_distributed.py checks these gradients); until then, that one message is not shown.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                        category=FutureWarning)
+
+
 def _all_reduce_sum(t: Tensor) -> Tensor:
     # Differentiable: the backward all-reduces the gradient, so every rank's loss sees every rank's rows.
     from torch.distributed.nn.functional import all_reduce
 
-    # torch 2.13 marks this autograd-aware all_reduce deprecated with a FutureWarning on every call (hundreds
-    # of log lines per run). Moving to torch.distributed._functional_collectives would need its own gradient
-    # tests (tests/test_model_distributed.py checks these gradients); until then, keep it without the noise.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
-                                category=FutureWarning)
-        return all_reduce(t, op=dist.ReduceOp.SUM)
+    return all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def _distributed_active() -> bool:

@@ -16,7 +16,9 @@ process group, this module owns the training. Every worker:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -309,16 +311,13 @@ def recalibrate_batchnorm(w: Worker, epoch: int) -> int:
     used = 0
     w.engine.train()
     try:
-        batches = w.loader.epoch_batches(epoch, 0)
-        for batch in batches:
-            for m in norms:
-                m.momentum = 1.0 / (used + 1)
-            with _autocast(w):
-                w.engine(batch.x, batch.perts, batch.inverse)
-            used += 1
-            if used >= num:
-                break
-        batches.close()  # stops the prefetch thread now, not at garbage collection
+        # closing(): the prefetch thread stops when we stop reading, not at garbage collection
+        with contextlib.closing(w.loader.epoch_batches(epoch, 0)) as batches:
+            for used, batch in enumerate(itertools.islice(batches, num), start=1):
+                for m in norms:
+                    m.momentum = 1.0 / used
+                with _autocast(w):
+                    w.engine(batch.x, batch.perts, batch.inverse)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -345,8 +344,6 @@ def _metric_sums(pred: torch.Tensor, truth: torch.Tensor, ctrl: torch.Tensor, to
 def _gathered(w: Worker):
     """predict_delta is not a module forward, so ZeRO-3's gather hooks do not fire: gather explicitly
     (the model is small; every rank calls this the same number of times)."""
-    import contextlib
-
     if w.cfg.deepspeed.zero_stage == 3:
         import deepspeed
 
