@@ -47,7 +47,7 @@ def measure(cmd: list[str], label: str, env: dict | None = None, poll_s: float =
     """Run `cmd`, polling the RSS of its process tree; returns wall, peak RSS, minor faults, the last JSON line.
     With max_s, a run still going after max_s wall seconds is killed (SIGKILL, whole tree) and recorded with
     `timed_out`: its wall, CPU seconds and peak RSS are then lower bounds of what a full run needs, and
-    `progress_tail` keeps the end of its stderr (tqdm bars, which say how far it got)."""
+    `progress_tail` keeps the end of its stderr (the last stage it announced)."""
     import psutil
 
     t0 = time.perf_counter()
