@@ -276,6 +276,37 @@ def test_coexpression_matches_numpy_corrcoef(norman_store):
     assert np.array_equal(again.edge_index, graph.edge_index)
 
 
+def test_coexpression_from_a_cell_sample(norman_store):
+    from gears_dist.graphs.coexpr import sample_ranges
+
+    store = open_store(norman_store)
+    conds = training_conditions(store, None)
+    ranges = condition_cell_ranges(store, conds)
+    total = int((ranges[:, 1] - ranges[:, 0]).sum())
+    cap = total // 3
+    picked = sample_ranges(ranges, cap, store.chunk_cells)
+    n = int((picked[:, 1] - picked[:, 0]).sum())
+    assert cap <= n < cap + store.chunk_cells  # whole chunk pieces, stopping at the first past the cap
+    inside = np.zeros(store.num_cells, bool)
+    for a, b in ranges:
+        inside[a:b] = True
+    assert all(inside[a:b].all() for a, b in picked)  # only cells of the chosen conditions
+    # pieces from chunks all over the store, not a prefix
+    assert picked[-1, 1] > ranges[-1, 1] - (ranges[-1, 1] - ranges[0, 0]) // 3
+    np.testing.assert_array_equal(sample_ranges(ranges, cap, store.chunk_cells), picked)  # deterministic
+    np.testing.assert_array_equal(sample_ranges(ranges, total, store.chunk_cells), merge_ranges(ranges))
+
+    cfg = from_dict(GraphConfig, {"coexpr": {"max_cells": cap}})
+    graph = build_coexpression_graph(store, conds, cfg)
+    assert graph.info["num_cells"] == n and graph.info["cells_available"] == total
+    # the same as a graph over exactly those cells
+    direct = build_coexpression_graph(store, picked, GraphConfig())
+    assert np.array_equal(direct.edge_index, graph.edge_index)
+    assert coexpr_key(cfg) == coexpr_key(GraphConfig()) + f"_n{cap}"
+    with pytest.raises(ConfigError, match="coexpr.max_cells"):
+        from_dict(GraphConfig, {"coexpr": {"max_cells": 1}})
+
+
 def test_covariance_finish_and_correlation_in_row_blocks():
     from scipy.linalg.blas import dsyrk
 

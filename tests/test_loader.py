@@ -69,6 +69,69 @@ def test_mixing_grows_with_buffer_and_grouping_concentrates(setup):
     assert grouped < many, (grouped, many)
 
 
+def _byte_budget_loader(setup, chunks: float, **cfg):
+    """A loader whose window is sized by buffer_mb to `chunks` whole chunks of decoded cells."""
+    store = setup[0]
+    mb = chunks * store.chunk_cells * store.num_genes * 4 / 2**20
+    return _loader(setup, buffer_chunks=None, buffer_mb=mb, **cfg)
+
+
+def test_byte_budget_sizes_the_window_and_shuffles_small_shards_whole(setup):
+    store = setup[0]
+    default = _loader(setup, buffer_chunks=None)
+    # the default budget (256 MB) holds this whole shard: one window, every cell shuffled with every other
+    assert default.window_units >= default.plan.unit_start.size
+    two = _byte_budget_loader(setup, 2.0)
+    # as many units as two chunks' bytes hold (units are chunks cut at the split's condition boundaries)
+    mean_unit = two.plan.num_cells / two.plan.unit_start.size
+    assert two.window_units * mean_unit <= 2 * store.chunk_cells < (two.window_units + 1) * mean_unit
+    assert _byte_budget_loader(setup, 0.01).window_units == 1  # at least one unit, however small the budget
+    batches = list(default.epoch_batches(0))
+    assert default.max_buffered_cells <= default.plan.num_cells + default.cfg.batch_size
+
+    # whole-shard shuffling: conditions per batch as for cells drawn uniformly from the shard (the reference's
+    # DataLoader), more than with a two-chunk window of the same store
+    counts = np.bincount(store.array("obs/condition")[_plan_rows(default.plan)])
+    p = counts[counts > 0] / counts.sum()
+    b = default.cfg.batch_size
+    uniform = float(np.sum(1 - (1 - p) ** b))  # expected distinct conditions in b uniform draws
+    whole = np.mean([x.ucond.numel() for x in batches])
+    few = np.mean([x.ucond.numel() for x in two.epoch_batches(0)])
+    assert abs(whole - uniform) < 0.15 * uniform, (whole, uniform)
+    assert whole > few, (whole, few)
+
+
+def test_byte_budget_window_resumes_exactly_and_reads_each_cell_once(setup):
+    store = setup[0]
+    full = _byte_budget_loader(setup, 2.5)
+    a = list(full.epoch_batches(0))
+    # each unit decoded once per epoch (plus at most one window when the stream wraps into a new pass)
+    assert full.bytes_read <= (full.plan.num_cells + 3 * store.chunk_cells) * store.num_genes * 4
+    assert full.max_buffered_cells <= full._window_capacity() + full.cfg.batch_size
+    assert full._window_capacity() <= full.window_units * store.chunk_cells < full.plan.num_cells
+    loader = _byte_budget_loader(setup, 2.5)
+    it = loader.epoch_batches(0)
+    for _ in range(5):
+        next(it)
+    state = loader.state_dict()
+    it.close()
+    resumed = _byte_budget_loader(setup, 2.5)
+    resumed.load_state_dict(state)
+    rest = list(resumed.epoch_batches())
+    assert len(rest) == len(a) - 5
+    for x, y in zip(a[5:], rest):
+        assert torch.equal(x.y, y.y) and torch.equal(x.x, y.x) and torch.equal(x.cond, y.cond)
+
+
+@pytest.mark.parametrize("field,value,match", [("buffer_mb", 0, "buffer_mb: must be > 0"),
+                                                ("buffer_chunks", 0, "buffer_chunks: must be >= 1")])
+def test_window_config_errors_name_the_field(field, value, match):
+    from gears_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        LoaderConfig(**{field: value}).validate()
+
+
 def test_deterministic_by_seed_epoch_rank_and_exact_resume(setup):
     a = list(_loader(setup).epoch_batches(0))
     b = list(_loader(setup).epoch_batches(0))

@@ -44,7 +44,7 @@ def _status_kb(key: str) -> int:
     return -1
 
 
-def prepare(store: str, world: int) -> dict:
+def prepare(store: str, world: int, coexpr_max_cells: int | None) -> dict:
     """Run prepare_run as training does, timing its parts (wrappers around the module functions it calls)."""
     from gears_dist.data import splits
     from gears_dist.graphs import build
@@ -69,7 +69,7 @@ def prepare(store: str, world: int) -> dict:
     timed(build, "build_coexpression_graph", "coexpr_s")
     timed(build, "build_go_graph", "go_s")
     timed(build, "ensure_partition", "partition_s")
-    cfg = run_config_from_dict({"sharding": {"mode": "graph"}})
+    cfg = run_config_from_dict({"sharding": {"mode": "graph"}, "graphs": {"coexpr": {"max_cells": coexpr_max_cells}}})
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     keys = prepare_run(cfg, store, world)
@@ -144,11 +144,13 @@ def main() -> None:
                    choices=["build", "prepare", "train"])
     p.add_argument("--delete-after", action="store_true", help="delete each store after its rows")
     p.add_argument("--report", action="store_true", help="only print the summary of OUT_DIR/genome.jsonl")
+    p.add_argument("--coexpr-max-cells", type=int, default=200000,
+                   help="graphs.coexpr.max_cells (as configs/replogle_gw.yaml); 0: every training cell")
     p.add_argument("--prepare-only", metavar="STORE", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.prepare_only:
-        print(json.dumps(prepare(args.prepare_only, 2)), flush=True)
+        print(json.dumps(prepare(args.prepare_only, 2, args.coexpr_max_cells or None)), flush=True)
         return
     results = args.out_dir / RESULTS
     if args.report:
@@ -167,12 +169,14 @@ def main() -> None:
             print(f"no store {store}; skipping {n:,} cells", flush=True)
             continue
         if "prepare" in args.phases:
-            row = _child([py, "tools/bench_genome.py", "--prepare-only", str(store)], log)
+            row = _child([py, "tools/bench_genome.py", "--prepare-only", str(store),
+                          "--coexpr-max-cells", str(args.coexpr_max_cells)], log)
             _append(results, {**row, "num_cells": n})
         if "train" in args.phases:
             for w in args.workers:
                 row = _child([py, "tools/bench_train.py", str(store), "--workers", str(w), "--batch", "32",
-                              "--steps", str(args.steps), "--epochs", "2", "--tag", "genome"], log)
+                              "--steps", str(args.steps), "--epochs", "2", "--tag", "genome",
+                              "--coexpr-max-cells", str(args.coexpr_max_cells)], log)
                 _append(results, row)
         if args.delete_after:
             shutil.rmtree(store, ignore_errors=True)

@@ -5,6 +5,7 @@ Each part runs in its own process so that its peak RSS (ru_maxrss) and minor pag
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python tools/bench_graphs.py go
     ... tools/bench_graphs.py coexpr --cells 50000 100000 200000 --genes 8000 [--keep DIR]
     ... tools/bench_graphs.py partition
+    ... tools/bench_graphs.py coexpr-sample --store STORE --max-cells 50000 200000   (graphs.coexpr.max_cells)
     ... tools/bench_graphs.py all          (go, coexpr at 5e4/1e5/2e5 cells, partition)
 
 Results are printed as Markdown rows and appended as JSON lines to .bench/graphs.jsonl.
@@ -128,6 +129,45 @@ def bench_coexpr_one(args) -> None:
     )
 
 
+def bench_coexpr_sample(args) -> None:
+    """graphs.coexpr.max_cells against every cell on a condition-grouped store: time, and how far the sampled
+    correlations and the k-NN edges move (controls + single-gene conditions, as training uses)."""
+    from gears_dist.data.store import open_store
+    from gears_dist.graphs.build import training_conditions
+    from gears_dist.graphs.coexpr import (condition_cell_ranges, coexpression_edges, correlation_from_cov,
+                                          correlation_stats, sample_ranges)
+
+    store = open_store(args.store)
+    ranges = condition_cell_ranges(store, training_conditions(store, None))
+
+    def graph(rr):
+        t0, c0 = time.perf_counter(), time.process_time()
+        n, _, cov = correlation_stats(store.X, rr)
+        r = correlation_from_cov(cov)
+        del cov
+        src, dst, _ = coexpression_edges(r, 20, 0.4)
+        edges = set(zip(src[src != dst].tolist(), dst[src != dst].tolist()))
+        return n, r, edges, time.perf_counter() - t0, time.process_time() - c0
+
+    n_all, r_all, e_all, s_all, c_all = graph(ranges)
+    _record({"bench": "coexpr_sample", "store": args.store, "num_genes": store.num_genes, "max_cells": None,
+             "num_cells": int(n_all), "seconds": round(s_all, 1), "cpu_s": round(c_all, 1),
+             "num_edges": len(e_all), **_usage()})
+    iu = np.triu_indices(store.num_genes, 1)
+    strong = np.abs(r_all[iu]) > 0.3
+    for m in args.max_cells:
+        n, r, e, sec, cpu = graph(sample_ranges(ranges, m, store.chunk_cells))
+        d = np.abs(r[iu] - r_all[iu])
+        both = len(e & e_all)
+        _record({"bench": "coexpr_sample", "store": args.store, "num_genes": store.num_genes, "max_cells": m,
+                 "num_cells": int(n), "seconds": round(sec, 1), "cpu_s": round(cpu, 1),
+                 "time_vs_all": round(sec / s_all, 3), "abs_dr_max": round(float(d.max()), 4),
+                 "abs_dr_p99": round(float(np.quantile(d, 0.99)), 4),
+                 "abs_dr_mean_where_r_over_0.3": round(float(d[strong].mean()), 4) if strong.any() else None,
+                 "num_edges": len(e), "edges_shared": both,
+                 "edge_jaccard": round(both / max(1, len(e | e_all)), 4), **_usage()})
+
+
 def bench_coexpr(args) -> None:
     root = pathlib.Path(args.keep) if args.keep else pathlib.Path(tempfile.mkdtemp(prefix="bench_coexpr_"))
     try:
@@ -229,6 +269,9 @@ def main() -> None:
     s = sub.add_parser("coexpr-one")
     s.add_argument("--store", required=True)
     s.add_argument("--disk-gb", type=float, default=0.0)
+    s = sub.add_parser("coexpr-sample")
+    s.add_argument("--store", required=True)
+    s.add_argument("--max-cells", type=int, nargs="+", default=[50_000, 200_000])
     s = sub.add_parser("partition")
     s.add_argument("--singles", type=int, default=10_000)
     s.add_argument("--pairs", type=int, default=500)
@@ -240,7 +283,8 @@ def main() -> None:
         for what in ("go", "partition", "coexpr"):
             _child(what)
         return
-    {"go": bench_go, "coexpr": bench_coexpr, "coexpr-one": bench_coexpr_one, "partition": bench_partition}[
+    {"go": bench_go, "coexpr": bench_coexpr, "coexpr-one": bench_coexpr_one, "coexpr-sample": bench_coexpr_sample,
+     "partition": bench_partition}[
         args.what
     ](args)
 

@@ -27,7 +27,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--sharding", choices=["graph", "random"], default="graph")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--buffer-chunks", type=int, default=8)
+    p.add_argument("--buffer-mb", type=float, default=256.0, help="shuffle window in MB of decoded cells")
+    p.add_argument("--buffer-chunks", type=int, default=None, help="window in chunks instead of --buffer-mb")
     p.add_argument("--group-cells", type=int, default=1)
     p.add_argument("--steps", type=int, default=400, help="batches timed per rank (0 = whole epoch)")
     args = p.parse_args()
@@ -50,7 +51,8 @@ def main() -> None:
     go = ensure_graphs(store, cfg.graphs, keys["split"]).go
     pert_index = perturbation_index(go.nodes, store.condition_genes())
     part = load_partition(store, keys["partition"]).part_of_condition if keys["partition"] else None
-    lcfg = LoaderConfig(batch_size=args.batch, buffer_chunks=args.buffer_chunks, group_cells=args.group_cells)
+    lcfg = LoaderConfig(batch_size=args.batch, buffer_mb=args.buffer_mb, buffer_chunks=args.buffer_chunks,
+                        group_cells=args.group_cells)
     go_src, go_dst = (np.asarray(a) for a in go.to_torch()[0].numpy())
     for rank in range(args.workers):
         plan = plan_shard(store, train, rank, args.workers, sharding=args.sharding, part_of_condition=part)
@@ -75,6 +77,7 @@ def main() -> None:
             "mb_read": round((loader.bytes_read - setup_bytes) / 2**20, 1),
             "mb_per_1k_cells": round((loader.bytes_read - setup_bytes) / 2**20 / max(cells, 1) * 1000, 2),
             "max_buffered_cells": loader.max_buffered_cells,
+            "window_units": loader.window_units,
             "distinct_conditions_per_batch": round(float(np.mean(distinct)), 2),
             "go_nodes_total": go.num_nodes, "go_nodes_halo": halo, "go_nodes_processed": processed,
             "peak_rss_mb": round(ru.ru_maxrss / 1024), "minor_faults": ru.ru_minflt - faults0,

@@ -17,8 +17,9 @@ One invocation per table (BENCHMARKS.md "## Time to the reference's quality"). P
    (`_REF_DUMP_CODE`), so that both sides' metrics are computed by one function on the same kind of
    predictions (see "Metric" below).
 3. Ours: ingest the same h5ad, save the reference's split (its set2conditions, read from the split file it
-   writes before training) as the custom split `reference_seed1`, build the graphs once (timed), then, while
-   the reference trains, each variant in a fresh process runs the per-worker loop
+   writes before training) as the custom split `reference_seed1`, build the graphs once (timed), then, once
+   the reference has finished (each side alone on the machine; `--side-by-side`: while the reference trains),
+   each variant in a fresh process runs the per-worker loop
    (`gears_dist.train.loop.run_single`, 1 worker, no Ray, per-epoch validation, checkpoint per epoch) with a
    reporter that records wall and CPU seconds per epoch and the test predictions after every epoch (outside
    the timed wall). When the reference is done, its epoch-15 val mse_de is the threshold; each variant's time
@@ -81,6 +82,19 @@ VARIANTS: dict[str, dict] = {
     "ref_fp32_seed2": {"seed": 2},
     "ref_fp32_seed3": {"seed": 3},
     "ref_fp32_shuffle_all": {"data": {"loader": {"buffer_chunks": 1 << 20}}},
+    # the loader's window before 2026-12-04: 8 chunks (since then: 256 MB of decoded cells, the whole shard here)
+    "ref_fp32_window8": {"data": {"loader": {"buffer_chunks": 8}}},
+    # the product's fast path: batches of 128 cells in runs of 8 of one condition (16 distinct sets per step,
+    # each computed once), lr 3e-3 on a cosine over an 8-epoch budget
+    "b128_group8_cosine8_lr3e-3": {"data": {"loader": {"batch_size": 128, "group_cells": 8}},
+                                   "optim": {"lr": 3e-3, "schedule": "cosine"}, "train": {"epochs": 8}},
+    # the same in bf16 autocast (only worth it on a CPU with bf16 instructions: AVX512_BF16 / AMX)
+    "b128_group8_bf16_cosine8_lr3e-3": {"deepspeed": {"precision": "bf16"},
+                                        "data": {"loader": {"batch_size": 128, "group_cells": 8}},
+                                        "optim": {"lr": 3e-3, "schedule": "cosine"}, "train": {"epochs": 8}},
+    # the same batches per cell (no grouping), cosine over 6 epochs
+    "b128_cosine6_lr3e-3": {"data": {"loader": {"batch_size": 128}},
+                            "optim": {"lr": 3e-3, "schedule": "cosine"}, "train": {"epochs": 6}},
     # Evaluation with BatchNorm statistics averaged over 50 training batches (train.bn_recalibration_batches)
     # instead of the momentum average of the last ~10 batches.
     "ref_fp32_bn_recal50": {"train": {"bn_recalibration_batches": 50}},
@@ -582,8 +596,8 @@ def reference_scores(work: pathlib.Path, record: dict, store_path: pathlib.Path)
 
 
 def bench_dataset(name: str, args) -> dict:
-    """The reference in the background; ours (each variant in turn) while it trains, so that both see the
-    same machine load; then both scored with one function."""
+    """The reference first, alone (or, with --side-by-side, in the background while ours trains); then each
+    variant of ours in turn; then both scored with one function."""
     work = pathlib.Path(args.workdir) / name
     work.mkdir(parents=True, exist_ok=True)
     h5ad = DATASETS[name](work / "input.h5ad")
@@ -598,6 +612,11 @@ def bench_dataset(name: str, args) -> dict:
         _log(f"{name}: starting the reference, {args.epochs} epochs, in the background")
         proc = start_reference(h5ad, work, args.epochs, args.seed)
     split = reference_split(work, proc)
+    if not args.side_by_side:
+        # each side alone on the machine: on 2 cores, running them together slowed the reference ~4x and
+        # ours ~2x (2026-12-04), which flattered the ratio
+        _log(f"{name}: waiting for the reference before running ours (--side-by-side runs them together)")
+        wait_reference(work, proc)
     _log(f"{name}: ours: ingest, the reference's split, graphs")
     prep = prepare_ours(h5ad, work, split)
     result["ours_prepare"] = prep
@@ -714,6 +733,9 @@ def main(argv=None) -> int:
                    help="reuse WORKDIR/DATASET/ours_VARIANT.json (+ _test.npz) where present (rescoring)")
     p.add_argument("--attach", action="store_true", help="with --reuse-reference: wait for a reference run "
                    "already started in WORKDIR/DATASET instead of starting one")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run ours while the reference trains (shorter, but both slow each other down unequally); "
+                        "by default the reference runs first, alone, then each variant of ours alone")
     p.add_argument("--workdir", default=str(REPO / ".bench" / "ttq"))
     p.add_argument("--synth-size", nargs=3, type=int, metavar=("CELLS", "GENES", "PER_KIND"), default=None,
                    help="the generated screen's cells, genes, and number of singles (= of doubles); default "

@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: the config's")
+    p.add_argument("--coexpr-max-cells", type=int, default=None,
+                   help="graphs.coexpr.max_cells (0 or unset: the config's)")
     p.add_argument("--tag", default=None, help="free text copied into the JSON line")
     args = p.parse_args()
 
@@ -118,6 +120,8 @@ def main() -> None:
             "scaling": {"num_workers": args.workers, "max_failures": 0}}
     if args.precision:
         over["deepspeed"]["precision"] = args.precision
+    if args.coexpr_max_cells:
+        over["graphs"] = {"coexpr": {"max_cells": args.coexpr_max_cells}}
     cfg = load_run_config(args.config or repo / "configs" / "norman.yaml", deep_merge({}, over))
     load_start = os.getloadavg()[0]
     shard_cells, total_cells, keys = _plan_cells(cfg, args.store, args.workers)

@@ -8,11 +8,15 @@ Epoch semantics (the same on every worker, so collectives never hang):
   fresh pass; one whose shard is longer leaves a different random remainder each epoch).
 - A worker's shard is a set of *units*: a store chunk intersected with the training cells the
   worker owns. Each epoch (and each pass) the units are visited in a fresh random order; cells
-  are shuffled within a window of ``buffer_chunks`` units (bounded memory, many conditions per
-  batch even though the store groups cells by condition), and batches are consecutive slices of
-  that stream. With ``group_cells > 1`` the window is instead cut into runs of that many cells of
-  one condition, the runs shuffled (the model's exact fast path computes one row per distinct
-  perturbation set).
+  are shuffled within a window of units (bounded memory, many conditions per batch even though
+  the store groups cells by condition), and batches are consecutive slices of that stream. The
+  window is as many units as fit in ``buffer_mb`` of decoded cells (256 MB by default: a whole
+  shard of up to ~13k cells at 5,000 genes), or ``buffer_chunks`` units when that is set. A window
+  of few conditions gives batches of few conditions, and BatchNorm's running statistics, which
+  evaluation uses, then follow whichever conditions came last (BENCHMARKS.md, "Time to the
+  reference's quality"): the budget is in bytes so that small shards are shuffled whole. With
+  ``group_cells > 1`` the window is instead cut into runs of that many cells of one condition,
+  the runs shuffled (the model's exact fast path computes one row per distinct perturbation set).
 - Every random choice is a pure function of ``(seed, epoch, rank, ...)`` and of store metadata,
   so the loader state is just ``(epoch, step)``: resuming at a step recomputes the plan without
   reading X and continues with exactly the batches an uninterrupted run would have seen.
@@ -20,8 +24,9 @@ Epoch semantics (the same on every worker, so collectives never hang):
   in-memory control pool of the same cell type; control cells are themselves trained on with
   x = y, as in the reference.
 
-Memory per worker: ``(buffer_chunks + 1)`` chunks + ``prefetch_batches`` batches + the control
-pool + per-condition gene masks (C x G bool), independent of the number of cells.
+Memory per worker: one window (``buffer_mb``, or ``buffer_chunks`` chunks), reused from window to
+window, + one decoded chunk + ``prefetch_batches`` batches + the control pool + per-condition gene
+masks (C x G bool), independent of the number of cells.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ Sharding = Literal["graph", "random"]
 @dataclasses.dataclass
 class LoaderConfig:
     batch_size: int = 32                 # cells per micro-batch per worker
-    buffer_chunks: int = 8               # units shuffled together (memory bound)
+    buffer_mb: float = 256.0             # decoded cells shuffled together per worker (the memory bound)
+    buffer_chunks: int | None = None     # units shuffled together instead of the byte budget
     prefetch_batches: int = 4            # batches prepared ahead by the background thread
     control_pool_cells: int = 4096       # control cells kept in memory per worker for pairing
     include_controls: bool = True        # train on control cells too (x = y), as the reference does
@@ -52,7 +58,9 @@ class LoaderConfig:
 
     def validate(self) -> None:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, received {self.batch_size}")
-        require(self.buffer_chunks >= 1, "buffer_chunks", f"must be >= 1, received {self.buffer_chunks}")
+        require(self.buffer_mb > 0, "buffer_mb", f"must be > 0 (MB of decoded cells), received {self.buffer_mb}")
+        require(self.buffer_chunks is None or self.buffer_chunks >= 1, "buffer_chunks",
+                f"must be >= 1, or null to size the window by buffer_mb; received {self.buffer_chunks}")
         require(self.prefetch_batches >= 1, "prefetch_batches", f"must be >= 1, received {self.prefetch_batches}")
         require(self.control_pool_cells >= 1, "control_pool_cells",
                 f"must be >= 1, received {self.control_pool_cells}")
@@ -241,6 +249,7 @@ class ShardLoader:
         self._obs_cond = store.root["obs/condition"]
         self._obs_type = store.root["obs/cell_type"]
         self._load_control_pool()
+        self.window_units = self._window_units()
         self.bytes_read = 0
         self.max_buffered_cells = 0  # most cells held in the shuffle buffer at once (memory bound check)
         self.epoch = 0
@@ -305,28 +314,49 @@ class ShardLoader:
         self.bytes_read = getattr(self, "bytes_read", 0) + out.nbytes
         return out
 
-    def _read_units(self, units: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Rows kept from `units`, with their X rows, condition and cell type. One contiguous slice per
-        unit (a unit lies inside one chunk, so each chunk is decoded once), then the kept rows."""
-        rows, xs, conds, types = [], [], [], []
+    def _window_units(self) -> int:
+        """Units per shuffle window: ``buffer_chunks``, or as many as ``buffer_mb`` of decoded cells holds."""
+        if self.cfg.buffer_chunks is not None:
+            return int(self.cfg.buffer_chunks)
+        # rows kept per unit on average (a random shard keeps ~1/W of each chunk)
+        mean_rows = max(1.0, self.plan.num_cells / max(1, self.plan.unit_start.size))
+        return max(1, int(self.cfg.buffer_mb * 2**20 // (mean_rows * 4 * self.store.num_genes)))
+
+    def _window_capacity(self) -> int:
+        """Most rows one window can hold: the window_units largest units."""
+        counts = np.sort(self.plan.unit_count)[::-1]
+        return int(counts[:self.window_units].sum())
+
+    def _read_units(self, units: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """Rows kept from `units`, with their X rows (written into `out[:n]` when given, so that one window
+        buffer serves every window), condition and cell type. One contiguous slice per unit (a unit lies
+        inside one chunk, so each chunk is decoded once), then the kept rows."""
+        n = int(self.plan.unit_count[units].sum())
+        if out is None or out.shape[0] < n:
+            out = np.empty((n, self.store.num_genes), np.float32)
+        y = out[:n]
+        rows, conds, types = [], [], []
+        at = 0
         for u in units.tolist():
             a, b = int(self.plan.unit_start[u]), int(self.plan.unit_stop[u])
             keep = self.plan.unit_rows(u) - a
-            block = np.asarray(read_checked(self._X, slice(a, b)), dtype=np.float32)
+            block = read_checked(self._X, slice(a, b))
             self.bytes_read += block.nbytes
             whole = keep.size == b - a
+            y[at:at + keep.size] = block if whole else block[keep]
+            at += keep.size
             rows.append(keep + a)
-            xs.append(block if whole else block[keep])
             c = np.asarray(read_checked(self._obs_cond, slice(a, b))).astype(np.int64)
             t = np.asarray(read_checked(self._obs_type, slice(a, b))).astype(np.int64)
             conds.append(c if whole else c[keep])
             types.append(t if whole else t[keep])
-        return np.concatenate(rows), np.concatenate(xs), np.concatenate(conds), np.concatenate(types)
+        assert at == n, (at, n)
+        return np.concatenate(rows), y, np.concatenate(conds), np.concatenate(types)
 
     # -- the deterministic plan ------------------------------------------------------------------
     def _windows(self, epoch: int) -> Iterator[np.ndarray]:
         """Unit ids of each window, pass after pass (an endless stream for this epoch)."""
-        k = self.cfg.buffer_chunks
+        k = self.window_units
         for pass_ in range(1 << 30):
             order = _rng(self.seed, epoch, self.rank, pass_, 0x0D).permutation(self.plan.unit_start.size)
             for w in range(0, order.size, k):
@@ -359,24 +389,30 @@ class ShardLoader:
         raise AssertionError("window stream ended")
 
     def _cells(self, epoch: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """(y, cond, cell_type, row) batches of exactly batch_size cells from `start_step` on."""
+        """(y, cond, cell_type, row) batches of exactly batch_size cells from `start_step` on: consecutive
+        slices of the stream of shuffled windows."""
         b = self.cfg.batch_size
-        first, windows, offset = self._skip_windows(epoch, start_step * b)
-        carry = None
-        window = first
+        window, windows, offset = self._skip_windows(epoch, start_step * b)
+        # one buffer per epoch's producer, reused by its windows: batches are gathered copies, so a window can
+        # be read over the previous one once its last cells are taken
+        buffer = np.empty((self._window_capacity(), self.store.num_genes), np.float32)
+        perm = np.zeros(0, np.int64)
+        pos = 0
         for _ in range(self.steps_per_epoch - start_step):
-            while carry is None or carry[0].shape[0] < b:
-                pass_, w, units = window
-                rows, y, cond, ctype = self._read_units(np.sort(units))
-                perm = self._window_order(epoch, pass_, w, rows, cond)[offset:]
-                offset = 0
-                part = (y[perm], cond[perm], ctype[perm], rows[perm])
-                carry = part if carry is None else tuple(np.concatenate([a, p]) for a, p in zip(carry, part))
-                window = next(windows)
-            self.max_buffered_cells = max(self.max_buffered_cells, int(carry[0].shape[0]))
-            out = tuple(a[:b] for a in carry)
-            carry = tuple(a[b:] for a in carry)
-            yield out
+            parts, have = [], 0
+            while have < b:
+                if pos >= perm.size:
+                    pass_, w, units = window
+                    rows, y, cond, ctype = self._read_units(np.sort(units), buffer)
+                    perm = self._window_order(epoch, pass_, w, rows, cond)
+                    pos, offset = offset, 0
+                    window = next(windows)
+                    self.max_buffered_cells = max(self.max_buffered_cells, int(y.shape[0]) + have)
+                take = perm[pos:pos + b - have]
+                pos += take.size
+                have += take.size
+                parts.append((y[take], cond[take], ctype[take], rows[take]))
+            yield parts[0] if len(parts) == 1 else tuple(np.concatenate(a) for a in zip(*parts))
 
     def _make_batch(self, epoch: int, step: int, y: np.ndarray, cond: np.ndarray, ctype: np.ndarray) -> Batch:
         rng = _rng(self.seed, epoch, self.rank, step, 0xB7)

@@ -54,7 +54,8 @@ def go_key(cfg: GraphConfig, split_key: str | None = None) -> str:
 
 
 def coexpr_key(cfg: GraphConfig, split_key: str | None = None) -> str:
-    return f"coexpr_{split_key or 'all'}_k{cfg.coexpr.k}_r{_num(cfg.coexpr.threshold)}"
+    key = f"coexpr_{split_key or 'all'}_k{cfg.coexpr.k}_r{_num(cfg.coexpr.threshold)}"
+    return key if cfg.coexpr.max_cells is None else f"{key}_n{cfg.coexpr.max_cells}"
 
 
 def partition_key(

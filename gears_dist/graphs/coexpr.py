@@ -54,6 +54,24 @@ def merge_ranges(ranges: np.ndarray) -> np.ndarray:
     return np.stack([starts, stops], axis=1)
 
 
+def sample_ranges(ranges: np.ndarray, max_cells: int, chunk_cells: int, seed: int = 0) -> np.ndarray:
+    """At most about `max_cells` cells of `ranges`: the ranges cut at chunk boundaries, pieces drawn in a
+    random order until the cells reach `max_cells` (the last piece may pass it by less than a chunk), merged.
+    Whole pieces keep the reads chunk-aligned; random chunks spread the sample over the store's conditions."""
+    ranges = merge_ranges(ranges)
+    if not len(ranges) or int((ranges[:, 1] - ranges[:, 0]).sum()) <= max_cells:
+        return ranges
+    first, last = ranges[:, 0] // chunk_cells, (ranges[:, 1] - 1) // chunk_cells
+    pieces = last - first + 1
+    seg = np.repeat(np.arange(len(ranges)), pieces)
+    chunk_id = first[seg] + np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    lo = np.maximum(ranges[seg, 0], chunk_id * chunk_cells)
+    hi = np.minimum(ranges[seg, 1], (chunk_id + 1) * chunk_cells)
+    order = np.random.default_rng([seed, 0xC0E]).permutation(lo.size)
+    take = order[:int(np.searchsorted(np.cumsum((hi - lo)[order]), max_cells)) + 1]
+    return merge_ranges(np.stack([lo[take], hi[take]], axis=1))
+
+
 def _read_blocks(x, ranges: np.ndarray, block_cells: int) -> list:
     """Dask arrays of about `block_cells` rows each, cut at the store's chunk boundaries."""
     import dask.array as da
@@ -188,6 +206,9 @@ def build_coexpression_graph(
         raise ValueError(
             f"cells: expected (R, 2) cell ranges or 1-D condition indices, received shape {cells.shape}"
         )
+    available = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
+    if co_cfg.max_cells is not None:
+        ranges = sample_ranges(ranges, co_cfg.max_cells, store.chunk_cells)
     n, _, cov = correlation_stats(store.X, ranges, block_cells)
     r = correlation_from_cov(cov)
     del cov
@@ -197,7 +218,8 @@ def build_coexpression_graph(
         store.genes,
         edge_index,
         weight,
-        {"kind": "coexpression", "k": co_cfg.k, "threshold": co_cfg.threshold, "num_cells": int(n)},
+        {"kind": "coexpression", "k": co_cfg.k, "threshold": co_cfg.threshold, "num_cells": int(n),
+         "cells_available": available, "max_cells": co_cfg.max_cells},
     )
-    log.info("co-expression graph from %d cells: %s", n, graph.summary())
+    log.info("co-expression graph from %d of %d cells: %s", n, available, graph.summary())
     return graph

@@ -5,7 +5,7 @@ values raise ConfigError naming the dotted field)::
 
     name: demo
     seed: 0
-    data:      {split: simulation_seed1, loader: {batch_size: 32, buffer_chunks: 8, ...}}
+    data:      {split: simulation_seed1, loader: {batch_size: 32, buffer_mb: 256, ...}}
     graphs:    GraphConfig (gears_dist.graphs)
     model:     ModelConfig (gears_dist.model)
     loss:      LossConfig (gears_dist.model)
