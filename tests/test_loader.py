@@ -1,5 +1,7 @@
 """Streaming loader: bounded memory, mixing, determinism, equal steps per worker, control pairing."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -80,12 +82,17 @@ def test_byte_budget_sizes_the_window_and_shuffles_small_shards_whole(setup):
     store = setup[0]
     default = _loader(setup, buffer_chunks=None)
     # the default budget (256 MB) holds this whole shard: one window, every cell shuffled with every other
-    assert default.window_units >= default.plan.unit_start.size
+    assert default.window_rows >= default.plan.num_cells
+    assert len(list(itertools.islice(default._windows(0), 2))[0][2]) == default.plan.unit_start.size
     two = _byte_budget_loader(setup, 2.0)
-    # as many units as two chunks' bytes hold (units are chunks cut at the split's condition boundaries)
-    mean_unit = two.plan.num_cells / two.plan.unit_start.size
-    assert two.window_units * mean_unit <= 2 * store.chunk_cells < (two.window_units + 1) * mean_unit
-    assert _byte_budget_loader(setup, 0.01).window_units == 1  # at least one unit, however small the budget
+    # windows of whole units (units are chunks cut at the split's condition boundaries) filled up to the
+    # budget's rows, never past it
+    assert two.window_rows == 2 * store.chunk_cells
+    sizes = [int(two.plan.unit_count[u].sum()) for p, _, u in itertools.takewhile(lambda x: x[0] == 0, two._windows(0))]
+    assert max(sizes) <= two.window_rows and sum(sizes) == two.plan.num_cells
+    assert np.mean(sizes[:-1]) > two.window_rows - int(two.plan.unit_count.max())  # filled, not half empty
+    tiny = _byte_budget_loader(setup, 0.01)
+    assert tiny.window_rows == int(tiny.plan.unit_count.max())  # at least one unit, however small the budget
     batches = list(default.epoch_batches(0))
     assert default.max_buffered_cells <= default.plan.num_cells + default.cfg.batch_size
 
@@ -107,8 +114,8 @@ def test_byte_budget_window_resumes_exactly_and_reads_each_cell_once(setup):
     a = list(full.epoch_batches(0))
     # each unit decoded once per epoch (plus at most one window when the stream wraps into a new pass)
     assert full.bytes_read <= (full.plan.num_cells + 3 * store.chunk_cells) * store.num_genes * 4
-    assert full.max_buffered_cells <= full._window_capacity() + full.cfg.batch_size
-    assert full._window_capacity() <= full.window_units * store.chunk_cells < full.plan.num_cells
+    assert full.max_buffered_cells <= full.window_rows + full.cfg.batch_size
+    assert full.window_rows < full.plan.num_cells
     loader = _byte_budget_loader(setup, 2.5)
     it = loader.epoch_batches(0)
     for _ in range(5):
@@ -121,6 +128,27 @@ def test_byte_budget_window_resumes_exactly_and_reads_each_cell_once(setup):
     assert len(rest) == len(a) - 5
     for x, y in zip(a[5:], rest):
         assert torch.equal(x.y, y.y) and torch.equal(x.x, y.x) and torch.equal(x.cond, y.cond)
+
+
+def test_one_window_buffer_serves_every_epoch_and_open_iterators_stay_correct(setup):
+    loader = _byte_budget_loader(setup, 2.5)
+    first = list(loader.epoch_batches(0))
+    buffer = loader._spare_buffer
+    assert buffer is not None and buffer.shape[0] == loader.window_rows
+    second = list(loader.epoch_batches(1))
+    assert loader._spare_buffer is buffer  # reused, not reallocated, at the epoch boundary
+    # an epoch's iterator left open while the next runs: each producer needs its own window, and both epochs
+    # must still yield exactly their batches
+    other = _byte_budget_loader(setup, 2.5)
+    open_it = other.epoch_batches(0)
+    head = [next(open_it) for _ in range(3)]
+    both = list(other.epoch_batches(1))
+    tail = list(open_it)
+    assert len(head + tail) == len(first) and len(both) == len(second)
+    for x, y in zip(first, head + tail):
+        assert torch.equal(x.y, y.y) and torch.equal(x.cond, y.cond)
+    for x, y in zip(second, both):
+        assert torch.equal(x.y, y.y) and torch.equal(x.cond, y.cond)
 
 
 @pytest.mark.parametrize("field,value,match", [("buffer_mb", 0, "buffer_mb: must be > 0"),

@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--buffer-chunks", type=int, default=None, help="window in chunks instead of --buffer-mb")
     p.add_argument("--group-cells", type=int, default=1)
     p.add_argument("--steps", type=int, default=400, help="batches timed per rank (0 = whole epoch)")
+    p.add_argument("--coexpr-max-cells", type=int, default=None,
+                   help="graphs.coexpr.max_cells for the graphs prepare_run builds (reuses bench_genome's graphs)")
     args = p.parse_args()
 
     import numpy as np
@@ -43,7 +45,8 @@ def main() -> None:
     from gears_dist.train.config import run_config_from_dict
     from gears_dist.train.loop import condition_indices, prepare_run
 
-    cfg = run_config_from_dict({"sharding": {"mode": args.sharding}})
+    cfg = run_config_from_dict({"sharding": {"mode": args.sharding},
+                                "graphs": {"coexpr": {"max_cells": args.coexpr_max_cells}}})
     keys = prepare_run(cfg, args.store, args.workers)
     store = open_store(args.store)
     split = load_split(store, keys["split"])
@@ -77,7 +80,7 @@ def main() -> None:
             "mb_read": round((loader.bytes_read - setup_bytes) / 2**20, 1),
             "mb_per_1k_cells": round((loader.bytes_read - setup_bytes) / 2**20 / max(cells, 1) * 1000, 2),
             "max_buffered_cells": loader.max_buffered_cells,
-            "window_units": loader.window_units,
+            "window_rows": loader.window_rows,
             "distinct_conditions_per_batch": round(float(np.mean(distinct)), 2),
             "go_nodes_total": go.num_nodes, "go_nodes_halo": halo, "go_nodes_processed": processed,
             "peak_rss_mb": round(ru.ru_maxrss / 1024), "minor_faults": ru.ru_minflt - faults0,

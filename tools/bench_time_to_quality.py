@@ -92,6 +92,12 @@ VARIANTS: dict[str, dict] = {
     "b128_group8_bf16_cosine8_lr3e-3": {"deepspeed": {"precision": "bf16"},
                                         "data": {"loader": {"batch_size": 128, "group_cells": 8}},
                                         "optim": {"lr": 3e-3, "schedule": "cosine"}, "train": {"epochs": 8}},
+    # ... over a 15-epoch budget (the reference's), grouped and per cell
+    "b128_group8_bf16_cosine15_lr3e-3": {"deepspeed": {"precision": "bf16"},
+                                         "data": {"loader": {"batch_size": 128, "group_cells": 8}},
+                                         "optim": {"lr": 3e-3, "schedule": "cosine"}},
+    "b128_bf16_cosine15_lr3e-3": {"deepspeed": {"precision": "bf16"}, "data": {"loader": {"batch_size": 128}},
+                                  "optim": {"lr": 3e-3, "schedule": "cosine"}},
     # the same batches per cell (no grouping), cosine over 6 epochs
     "b128_cosine6_lr3e-3": {"data": {"loader": {"batch_size": 128}},
                             "optim": {"lr": 3e-3, "schedule": "cosine"}, "train": {"epochs": 6}},

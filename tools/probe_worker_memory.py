@@ -85,6 +85,8 @@ def main() -> None:
     p.add_argument("store")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--trace", action="store_true", help="tracemalloc (slower)")
+    p.add_argument("--coexpr-max-cells", type=int, default=200000,
+                   help="graphs.coexpr.max_cells, as tools/bench_genome.py (reuses its graph); 0: every cell")
     args = p.parse_args()
 
     probe = Probe(args.trace)
@@ -100,7 +102,8 @@ def main() -> None:
 
     over = {"name": "probe", "train": {"epochs": 1, "max_steps_per_epoch": args.steps, "log_every": 10**6},
             "data": {"loader": {"batch_size": 32}}, "model": {"hidden_size": 64},
-            "deepspeed": {"zero_stage": 1}, "sharding": {"mode": "graph"}, "tracking": {"enabled": False}}
+            "deepspeed": {"zero_stage": 1}, "sharding": {"mode": "graph"}, "tracking": {"enabled": False},
+            "graphs": {"coexpr": {"max_cells": args.coexpr_max_cells or None}}}
     cfg = load_run_config(REPO / "configs" / "norman.yaml", deep_merge({}, over))
     probe.mark("imports")
     keys = loop.prepare_run(cfg, args.store, 1)
@@ -124,6 +127,8 @@ def main() -> None:
         loop.finish_run(w, None, [], None, pathlib.Path(d), None)
     probe.mark("finish_run (val + test per category)")
     print(json.dumps({"store": args.store, "num_cells": w.store.num_cells, "units": int(w.loader.plan.unit_start.size),
+                      "window_rows": w.loader.window_rows,
+                      "window_mb": round(w.loader.window_rows * w.store.num_genes * 4 / 2**20, 1),
                       "load_avg": os.getloadavg()}), flush=True)
 
 

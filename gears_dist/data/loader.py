@@ -9,9 +9,10 @@ Epoch semantics (the same on every worker, so collectives never hang):
 - A worker's shard is a set of *units*: a store chunk intersected with the training cells the
   worker owns. Each epoch (and each pass) the units are visited in a fresh random order; cells
   are shuffled within a window of units (bounded memory, many conditions per batch even though
-  the store groups cells by condition), and batches are consecutive slices of that stream. The
-  window is as many units as fit in ``buffer_mb`` of decoded cells (256 MB by default: a whole
-  shard of up to ~13k cells at 5,000 genes), or ``buffer_chunks`` units when that is set. A window
+  the store groups cells by condition), and batches are consecutive slices of that stream. A
+  window is the next units of the random order up to ``buffer_mb`` of decoded cells (256 MB by
+  default: a whole shard of up to ~13k cells at 5,000 genes, ~8k at 8,000), or ``buffer_chunks``
+  units when that is set. A window
   of few conditions gives batches of few conditions, and BatchNorm's running statistics, which
   evaluation uses, then follow whichever conditions came last (BENCHMARKS.md, "Time to the
   reference's quality"): the budget is in bytes so that small shards are shuffled whole. With
@@ -25,13 +26,14 @@ Epoch semantics (the same on every worker, so collectives never hang):
   x = y, as in the reference.
 
 Memory per worker: one window (``buffer_mb``, or ``buffer_chunks`` chunks), reused from window to
-window, + one decoded chunk + ``prefetch_batches`` batches + the control pool + per-condition gene
+window and epoch to epoch, + one decoded chunk + ``prefetch_batches`` batches + the control pool + per-condition gene
 masks (C x G bool), independent of the number of cells.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -249,7 +251,9 @@ class ShardLoader:
         self._obs_cond = store.root["obs/condition"]
         self._obs_type = store.root["obs/cell_type"]
         self._load_control_pool()
-        self.window_units = self._window_units()
+        self.window_rows = self._window_rows()
+        self._spare_buffer: np.ndarray | None = None
+        self._buffer_lock = threading.Lock()
         self.bytes_read = 0
         self.max_buffered_cells = 0  # most cells held in the shuffle buffer at once (memory bound check)
         self.epoch = 0
@@ -314,18 +318,14 @@ class ShardLoader:
         self.bytes_read = getattr(self, "bytes_read", 0) + out.nbytes
         return out
 
-    def _window_units(self) -> int:
-        """Units per shuffle window: ``buffer_chunks``, or as many as ``buffer_mb`` of decoded cells holds."""
+    def _window_rows(self) -> int:
+        """Most rows one window holds: the ``buffer_chunks`` largest units, or ``buffer_mb`` of decoded cells
+        (at least the largest unit)."""
+        counts = self.plan.unit_count
         if self.cfg.buffer_chunks is not None:
-            return int(self.cfg.buffer_chunks)
-        # rows kept per unit on average (a random shard keeps ~1/W of each chunk)
-        mean_rows = max(1.0, self.plan.num_cells / max(1, self.plan.unit_start.size))
-        return max(1, int(self.cfg.buffer_mb * 2**20 // (mean_rows * 4 * self.store.num_genes)))
-
-    def _window_capacity(self) -> int:
-        """Most rows one window can hold: the window_units largest units."""
-        counts = np.sort(self.plan.unit_count)[::-1]
-        return int(counts[:self.window_units].sum())
+            return int(np.sort(counts)[::-1][:self.cfg.buffer_chunks].sum())
+        budget = int(self.cfg.buffer_mb * 2**20 // (4 * self.store.num_genes))
+        return max(budget, int(counts.max()) if counts.size else 1)
 
     def _read_units(self, units: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """Rows kept from `units`, with their X rows (written into `out[:n]` when given, so that one window
@@ -355,12 +355,22 @@ class ShardLoader:
 
     # -- the deterministic plan ------------------------------------------------------------------
     def _windows(self, epoch: int) -> Iterator[np.ndarray]:
-        """Unit ids of each window, pass after pass (an endless stream for this epoch)."""
-        k = self.window_units
+        """Unit ids of each window, pass after pass (an endless stream for this epoch): ``buffer_chunks`` units
+        at a time, or consecutive units of the pass's random order up to ``window_rows`` rows."""
         for pass_ in range(1 << 30):
             order = _rng(self.seed, epoch, self.rank, pass_, 0x0D).permutation(self.plan.unit_start.size)
-            for w in range(0, order.size, k):
-                yield pass_, w // k, order[w:w + k]
+            if self.cfg.buffer_chunks is not None:
+                cuts = list(range(0, order.size, self.cfg.buffer_chunks)) + [order.size]
+            else:
+                cuts, rows = [0], 0
+                for i, c in enumerate(self.plan.unit_count[order].tolist()):
+                    if rows + c > self.window_rows:
+                        cuts.append(i)
+                        rows = 0
+                    rows += c
+                cuts.append(order.size)
+            for w, (a, b) in enumerate(itertools.pairwise(cuts)):
+                yield pass_, w, order[a:b]
 
     def _window_order(self, epoch: int, pass_: int, w: int, rows: np.ndarray, cond: np.ndarray) -> np.ndarray:
         rng = _rng(self.seed, epoch, self.rank, pass_, w, 0x5F)
@@ -391,11 +401,25 @@ class ShardLoader:
     def _cells(self, epoch: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """(y, cond, cell_type, row) batches of exactly batch_size cells from `start_step` on: consecutive
         slices of the stream of shuffled windows."""
+        # One window buffer serves every window (batches are gathered copies, so a window can be read over the
+        # previous one once its last cells are taken) and every epoch: a fresh 0.25-0.5 GB array per epoch
+        # would pay its page faults again. A producer that finds it taken (an earlier epoch's iterator still
+        # open) gets its own.
+        with self._buffer_lock:
+            buffer, self._spare_buffer = self._spare_buffer, None
+        if buffer is None:
+            buffer = np.empty((self.window_rows, self.store.num_genes), np.float32)
+        try:
+            yield from self._window_slices(epoch, start_step, buffer)
+        finally:
+            with self._buffer_lock:
+                self._spare_buffer = buffer
+
+    def _window_slices(self, epoch: int, start_step: int,
+                       buffer: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """The batches of `_cells`, each window read into `buffer`."""
         b = self.cfg.batch_size
         window, windows, offset = self._skip_windows(epoch, start_step * b)
-        # one buffer per epoch's producer, reused by its windows: batches are gathered copies, so a window can
-        # be read over the previous one once its last cells are taken
-        buffer = np.empty((self._window_capacity(), self.store.num_genes), np.float32)
         perm = np.zeros(0, np.int64)
         pos = 0
         for _ in range(self.steps_per_epoch - start_step):
