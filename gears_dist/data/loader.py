@@ -12,12 +12,12 @@ Epoch semantics (the same on every worker, so collectives never hang):
   the store groups cells by condition), and batches are consecutive slices of that stream. A
   window is the next units of the random order up to ``buffer_mb`` of decoded cells (256 MB by
   default: a whole shard of up to ~13k cells at 5,000 genes, ~8k at 8,000), or ``buffer_chunks``
-  units when that is set. A window
-  of few conditions gives batches of few conditions, and BatchNorm's running statistics, which
-  evaluation uses, then follow whichever conditions came last (BENCHMARKS.md, "Time to the
-  reference's quality"): the budget is in bytes so that small shards are shuffled whole. With
-  ``group_cells > 1`` the window is instead cut into runs of that many cells of one condition,
-  the runs shuffled (the model's exact fast path computes one row per distinct perturbation set).
+  units when that is set. A window of few conditions gives batches of few conditions, and
+  BatchNorm's running statistics, which evaluation uses, then follow whichever conditions came
+  last (BENCHMARKS.md, "Time to the reference's quality"): the budget is in bytes so that small
+  shards are shuffled whole. With ``group_cells > 1`` the window is instead cut into runs of that
+  many cells of one condition, the runs shuffled (the model's exact fast path computes one row per
+  distinct perturbation set).
 - Every random choice is a pure function of ``(seed, epoch, rank, ...)`` and of store metadata,
   so the loader state is just ``(epoch, step)``: resuming at a step recomputes the plan without
   reading X and continues with exactly the batches an uninterrupted run would have seen.
@@ -26,8 +26,8 @@ Epoch semantics (the same on every worker, so collectives never hang):
   x = y, as in the reference.
 
 Memory per worker: one window (``buffer_mb``, or ``buffer_chunks`` chunks), reused from window to
-window and epoch to epoch, + one decoded chunk + ``prefetch_batches`` batches + the control pool + per-condition gene
-masks (C x G bool), independent of the number of cells.
+window and epoch to epoch, + one decoded chunk + ``prefetch_batches`` batches + the control pool +
+per-condition gene masks (C x G bool), independent of the number of cells.
 """
 
 from __future__ import annotations
