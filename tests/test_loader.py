@@ -71,6 +71,19 @@ def test_mixing_grows_with_buffer_and_grouping_concentrates(setup):
     assert grouped < many, (grouped, many)
 
 
+def _resumed_after(make_loader, steps: int) -> list:
+    """The rest of epoch 0 from a fresh loader resumed with the state saved after `steps` batches."""
+    loader = make_loader()
+    it = loader.epoch_batches(0)
+    for _ in range(steps):
+        next(it)
+    state = loader.state_dict()
+    it.close()
+    resumed = make_loader()
+    resumed.load_state_dict(state)
+    return list(resumed.epoch_batches())
+
+
 def _byte_budget_loader(setup, chunks: float, **cfg):
     """A loader whose window is sized by buffer_mb to `chunks` whole chunks of decoded cells."""
     store = setup[0]
@@ -116,15 +129,7 @@ def test_byte_budget_window_resumes_exactly_and_reads_each_cell_once(setup):
     assert full.bytes_read <= (full.plan.num_cells + 3 * store.chunk_cells) * store.num_genes * 4
     assert full.max_buffered_cells <= full.window_rows + full.cfg.batch_size
     assert full.window_rows < full.plan.num_cells
-    loader = _byte_budget_loader(setup, 2.5)
-    it = loader.epoch_batches(0)
-    for _ in range(5):
-        next(it)
-    state = loader.state_dict()
-    it.close()
-    resumed = _byte_budget_loader(setup, 2.5)
-    resumed.load_state_dict(state)
-    rest = list(resumed.epoch_batches())
+    rest = _resumed_after(lambda: _byte_budget_loader(setup, 2.5), 5)
     assert len(rest) == len(a) - 5
     for x, y in zip(a[5:], rest):
         assert torch.equal(x.y, y.y) and torch.equal(x.x, y.x) and torch.equal(x.cond, y.cond)
@@ -169,15 +174,7 @@ def test_deterministic_by_seed_epoch_rank_and_exact_resume(setup):
     other_seed = list(_loader(setup, seed=5).epoch_batches(0))
     assert not torch.equal(a[0].cond, other_seed[0].cond) or not torch.equal(a[0].x, other_seed[0].x)
     # resuming mid-epoch from the loader state gives exactly the remaining batches
-    loader = _loader(setup)
-    it = loader.epoch_batches(0)
-    for _ in range(4):
-        next(it)
-    state = loader.state_dict()
-    it.close()
-    resumed = _loader(setup)
-    resumed.load_state_dict(state)
-    rest = list(resumed.epoch_batches())
+    rest = _resumed_after(lambda: _loader(setup), 4)
     assert len(rest) == len(a) - 4
     for x, y in zip(a[4:], rest):
         assert torch.equal(x.y, y.y) and torch.equal(x.x, y.x) and torch.equal(x.perts, y.perts)

@@ -48,6 +48,8 @@ import subprocess
 import sys
 import time
 
+from gears_dist.config import deep_merge
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,19 +65,37 @@ METRICS = ("mse", "mse_de", "pearson_delta", "pearson_delta_de")
 # 2,000 genes would have taken several hours).
 SYNTH_SPEC = {"num_cells": 2400, "num_genes": 500, "num_singles": 20, "num_doubles": 20, "seed": 0}
 
-# Variants of ours, overrides on configs/time_to_quality.yaml (the reference's semantics).
+# Variants of ours, overrides on configs/time_to_quality.yaml (the reference's semantics), built from parts.
+def _variant(*parts: dict) -> dict:
+    out: dict = {}
+    for part in parts:
+        out = deep_merge(out, part)
+    return out
+
+
+BF16 = {"deepspeed": {"precision": "bf16"}}
+GROUP8 = {"data": {"loader": {"group_cells": 8}}}
+B128 = {"data": {"loader": {"batch_size": 128}}}
+COSINE_LR2E3 = {"optim": {"lr": 2e-3, "schedule": "cosine"}}
+COSINE_LR3E3 = {"optim": {"lr": 3e-3, "schedule": "cosine"}}
+# Evaluation with BatchNorm statistics averaged over 50 training batches (train.bn_recalibration_batches)
+# instead of the momentum average of the last ~10 batches.
+BN_RECAL50 = {"train": {"bn_recalibration_batches": 50}}
+
+
+def _epochs(n: int) -> dict:
+    return {"train": {"epochs": n}}
+
+
 VARIANTS: dict[str, dict] = {
     "ref_fp32": {},
-    "ref_bf16": {"deepspeed": {"precision": "bf16"}},
-    "group8_bf16": {"deepspeed": {"precision": "bf16"}, "data": {"loader": {"group_cells": 8}}},
-    "group8_bf16_cosine_lr2e-3": {"deepspeed": {"precision": "bf16"}, "data": {"loader": {"group_cells": 8}},
-                                  "optim": {"lr": 2e-3, "schedule": "cosine"}},
-    "b128_group16_bf16_cosine_lr3e-3": {"deepspeed": {"precision": "bf16"},
-                                        "data": {"loader": {"batch_size": 128, "group_cells": 16}},
-                                        "optim": {"lr": 3e-3, "schedule": "cosine"}},
-    "bf16_cosine_lr2e-3": {"deepspeed": {"precision": "bf16"}, "optim": {"lr": 2e-3, "schedule": "cosine"}},
-    "b128_bf16_cosine_lr3e-3": {"deepspeed": {"precision": "bf16"}, "data": {"loader": {"batch_size": 128}},
-                                "optim": {"lr": 3e-3, "schedule": "cosine"}},
+    "ref_bf16": BF16,
+    "group8_bf16": _variant(BF16, GROUP8),
+    "group8_bf16_cosine_lr2e-3": _variant(BF16, GROUP8, COSINE_LR2E3),
+    "b128_group16_bf16_cosine_lr3e-3": _variant(BF16, B128, {"data": {"loader": {"group_cells": 16}}}, COSINE_LR3E3),
+    "bf16_cosine_lr2e-3": _variant(BF16, COSINE_LR2E3),
+    # batch 128 per cell, cosine over the base's 15 epochs (the reference's budget)
+    "b128_bf16_cosine_lr3e-3": _variant(BF16, B128, COSINE_LR3E3),
     # Ablation of the test-quality gap on generated screens (BENCHMARKS.md): the reference's semantics with one
     # thing changed at a time -- the seed (our run-to-run spread), the loader's window (every training cell
     # shuffled together, as the reference's DataLoader does, instead of windows of 8 chunks).
@@ -85,27 +105,16 @@ VARIANTS: dict[str, dict] = {
     # the loader's window before 2026-12-04: 8 chunks (since then: 256 MB of decoded cells, the whole shard here)
     "ref_fp32_window8": {"data": {"loader": {"buffer_chunks": 8}}},
     # the product's fast path: batches of 128 cells in runs of 8 of one condition (16 distinct sets per step,
-    # each computed once), lr 3e-3 on a cosine over an 8-epoch budget
-    "b128_group8_cosine8_lr3e-3": {"data": {"loader": {"batch_size": 128, "group_cells": 8}},
-                                   "optim": {"lr": 3e-3, "schedule": "cosine"}, "train": {"epochs": 8}},
-    # the same in bf16 autocast (only worth it on a CPU with bf16 instructions: AVX512_BF16 / AMX)
-    "b128_group8_bf16_cosine8_lr3e-3": {"deepspeed": {"precision": "bf16"},
-                                        "data": {"loader": {"batch_size": 128, "group_cells": 8}},
-                                        "optim": {"lr": 3e-3, "schedule": "cosine"}, "train": {"epochs": 8}},
-    # ... over a 15-epoch budget (the reference's), grouped and per cell
-    "b128_group8_bf16_cosine15_lr3e-3": {"deepspeed": {"precision": "bf16"},
-                                         "data": {"loader": {"batch_size": 128, "group_cells": 8}},
-                                         "optim": {"lr": 3e-3, "schedule": "cosine"}},
-    "b128_bf16_cosine15_lr3e-3": {"deepspeed": {"precision": "bf16"}, "data": {"loader": {"batch_size": 128}},
-                                  "optim": {"lr": 3e-3, "schedule": "cosine"}},
+    # each computed once), lr 3e-3 on a cosine over an 8-epoch budget; the same in bf16 autocast (only worth it
+    # on a CPU with bf16 instructions: AVX512_BF16 / AMX), and over the base's 15 epochs
+    "b128_group8_cosine8_lr3e-3": _variant(B128, GROUP8, COSINE_LR3E3, _epochs(8)),
+    "b128_group8_bf16_cosine8_lr3e-3": _variant(BF16, B128, GROUP8, COSINE_LR3E3, _epochs(8)),
+    "b128_group8_bf16_cosine15_lr3e-3": _variant(BF16, B128, GROUP8, COSINE_LR3E3),
     # the same batches per cell (no grouping), cosine over 6 epochs
-    "b128_cosine6_lr3e-3": {"data": {"loader": {"batch_size": 128}},
-                            "optim": {"lr": 3e-3, "schedule": "cosine"}, "train": {"epochs": 6}},
-    # Evaluation with BatchNorm statistics averaged over 50 training batches (train.bn_recalibration_batches)
-    # instead of the momentum average of the last ~10 batches.
-    "ref_fp32_bn_recal50": {"train": {"bn_recalibration_batches": 50}},
+    "b128_cosine6_lr3e-3": _variant(B128, COSINE_LR3E3, _epochs(6)),
+    "ref_fp32_bn_recal50": BN_RECAL50,
+    "bf16_cosine_lr2e-3_bn_recal50": _variant(BF16, COSINE_LR2E3, BN_RECAL50),
 }
-VARIANTS["bf16_cosine_lr2e-3_bn_recal50"] = {**VARIANTS["bf16_cosine_lr2e-3"], **VARIANTS["ref_fp32_bn_recal50"]}
 
 
 def _load() -> str:
@@ -619,8 +628,8 @@ def bench_dataset(name: str, args) -> dict:
         proc = start_reference(h5ad, work, args.epochs, args.seed)
     split = reference_split(work, proc)
     if not args.side_by_side:
-        # each side alone on the machine: on 2 cores, running them together slowed the reference ~4x and
-        # ours ~2x (2026-12-04), which flattered the ratio
+        # each side alone on the machine: on 2 cores the reference's epochs took ~3x longer while ours ran
+        # beside it (BENCHMARKS.md, 2026-11-25), so the ratio depended on how long the two overlapped
         _log(f"{name}: waiting for the reference before running ours (--side-by-side runs them together)")
         wait_reference(work, proc)
     _log(f"{name}: ours: ingest, the reference's split, graphs")

@@ -332,8 +332,9 @@ class ShardLoader:
         buffer serves every window), condition and cell type. One contiguous slice per unit (a unit lies
         inside one chunk, so each chunk is decoded once), then the kept rows."""
         n = int(self.plan.unit_count[units].sum())
-        if out is None or out.shape[0] < n:
+        if out is None:
             out = np.empty((n, self.store.num_genes), np.float32)
+        assert out.shape[0] >= n, (out.shape, n)  # the window buffer holds window_rows, the most any window has
         y = out[:n]
         rows, conds, types = [], [], []
         at = 0
