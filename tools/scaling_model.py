@@ -42,10 +42,11 @@ DEFAULT_SHAPES = {
     "norman": {"genes": 5045, "perts": 5056},
     "genome": {"genes": 8000, "perts": 13674},
 }
-# Used when --measured has no row for a shape: BENCHMARKS.md "End-to-end training" (W=1, no Ray, fp32,
-# batch 32, 2-core CPU shared with other jobs, load 8-26).
+# Used when --measured has no row for a shape. norman: BENCHMARKS.md "Side by side with the reference",
+# 2026-12-05 (the per-worker loop, W=1, no Ray, fp32, batch 32, quiet 2-core CPU); genome: "End-to-end
+# training" (2-core CPU shared with other jobs, load 8-26).
 DEFAULT_MEASURED = {
-    "norman": {"step_ms": 437.0, "batch": 32, "source": "measured W=1 CPU, Training table"},
+    "norman": {"step_ms": 232.6, "batch": 32, "source": "measured W=1 CPU, side-by-side table 2026-12-05"},
     "genome": {"step_ms": 585.0, "batch": 32, "source": "measured W=1 CPU, Training table"},
 }
 LINKS_GBPS = (100.0, 400.0)

@@ -86,7 +86,9 @@ class _GeneMap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
-        grad = grad.to(x.dtype)
+        # The incoming gradient is the transpose of a [U, G] tensor. Given that layout, fp32 bmm falls back to one
+        # clone per gene (5,045 small copies: 39 ms of a 280 ms step at Norman size; contiguous: ~1 ms).
+        grad = grad.to(x.dtype).contiguous()
         dx = torch.bmm(grad.unsqueeze(-1), w.unsqueeze(1)) if ctx.needs_input_grad[0] else None
         dw = torch.bmm(grad.unsqueeze(1), x).squeeze(1) if ctx.needs_input_grad[1] else None
         return dx, dw
