@@ -1,7 +1,7 @@
 """Paper model of multi-node data-parallel scaling for GEARS (gears_dist.model.GEARSModel).
 
     .venv/bin/python tools/scaling_model.py --measured .bench/genome/genome.jsonl   # the BENCHMARKS.md tables
-    .venv/bin/python tools/scaling_model.py            # with the Training table's step times (DEFAULT_MEASURED)
+    .venv/bin/python tools/scaling_model.py            # with the step times of BENCHMARKS.md, 2026-12-05 (DEFAULT_MEASURED)
     .venv/bin/python tools/scaling_model.py --step-ms 585 --batch 32 --genes 8000 --perts 13674
 
 What it does (nothing here is measured on a cluster; only the inputs are measured, on one node):
@@ -36,18 +36,18 @@ import json
 import math
 import pathlib
 
-# Defaults: single-node figures measured in this repository (BENCHMARKS.md, "Genome scale" and "Training";
+# Defaults: single-node figures measured in this repository (BENCHMARKS.md, "Genome scale" and "Side by side";
 # 2-core CPU, fp32, batch 32 per step). Overridden by --measured or --step-ms.
 DEFAULT_SHAPES = {
     "norman": {"genes": 5045, "perts": 5056},
     "genome": {"genes": 8000, "perts": 13674},
 }
 # Used when --measured has no row for a shape. norman: BENCHMARKS.md "Side by side with the reference",
-# 2026-12-05 (the per-worker loop, W=1, no Ray, fp32, batch 32, quiet 2-core CPU); genome: "End-to-end
-# training" (2-core CPU shared with other jobs, load 8-26).
+# 2026-12-05 (the per-worker loop, W=1, no Ray, fp32, batch 32, quiet 2-core CPU); genome: "Genome scale",
+# the 2e6-cell W=1 row of the 2026-12-05 train-phase rerun (same machine, quiet).
 DEFAULT_MEASURED = {
     "norman": {"step_ms": 232.6, "batch": 32, "source": "measured W=1 CPU, side-by-side table 2026-12-05"},
-    "genome": {"step_ms": 585.0, "batch": 32, "source": "measured W=1 CPU, Training table"},
+    "genome": {"step_ms": 424.3, "batch": 32, "source": "measured W=1 CPU, genome table 2026-12-05, 2e6 cells"},
 }
 LINKS_GBPS = (100.0, 400.0)
 WORKERS = (8, 32, 128)
