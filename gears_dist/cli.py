@@ -65,6 +65,20 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return search.cli_tune(args)
 
 
+def _cmd_multisplit(args: argparse.Namespace) -> int:
+    from gears_dist.evaluate.multisplit import run_multisplit
+    from gears_dist.train.config import load_run_config
+
+    cfg = load_run_config(args.config)
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    baselines = None if args.baselines is None else [b for b in args.baselines.split(",") if b]
+    out = args.out or f"runs/multisplit_{cfg.name}"
+    run_multisplit(args.store, cfg, out, seeds=args.seeds, variants=args.variants, split_kind=args.split_kind,
+                   baselines=baselines, address=args.address, max_parallel=args.parallel)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gears_dist import demo
 
@@ -157,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=None, help="the training store (default: the one the run recorded)")
     s.add_argument("--split", default=None, help="split key (default: the run's split)")
     s.add_argument("--conditions", choices=["test", "val"], default="test")
-    s.add_argument("--baselines", default="control_mean,train_mean,additive,linear",
+    s.add_argument("--baselines", default="control_mean,train_mean,additive,linear,go_prior",
                    help="comma-separated baselines to report beside the model ('' for none)")
     s.add_argument("--out", default=None, help="output directory (default: RUN/evaluation)")
     s.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run's, or "
@@ -194,6 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     s.add_argument("--resume", action="store_true", help="continue the interrupted search in --out (Tuner.restore)")
     s.set_defaults(func=_cmd_tune)
+
+    s = sub.add_parser("multisplit", help="train and evaluate one config (variants of it) on K splits as parallel "
+                                           "Ray tasks; mean ± sd over splits per category, model(s) and baselines")
+    s.add_argument("store")
+    s.add_argument("--config", required=True, help="training preset (configs/*.yaml)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="split seeds (one split each)")
+    s.add_argument("--split-kind", default="simulation", help="split kind (default: simulation)")
+    s.add_argument("--variants", nargs="+", default=["reference", "prior"],
+                   help="'reference' (model.prior none), 'prior' (model.prior go), or NAME:key=value,... overrides")
+    s.add_argument("--baselines", default=None, help="comma-separated baselines (default: all)")
+    s.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    s.add_argument("--parallel", type=int, default=None, help="runs at a time (default: the Ray cluster's CPUs)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    s.add_argument("--out", default=None, help="output directory (default: runs/multisplit_<config name>)")
+    s.set_defaults(func=_cmd_multisplit)
 
     s = sub.add_parser("demo", help="the whole pipeline on generated data: simulate, ingest, graph, split, train, evaluate")
     s.add_argument("--out", default="runs/demo")

@@ -104,4 +104,25 @@ def test_bad_input():
         B.LinearPCA(train, embedding="go")
     with pytest.raises(ValueError, match="unknown baseline"):
         B.fit_baselines(train, ["additive", "gears"])
-    assert set(B.fit_baselines(train)) == {"control_mean", "train_mean", "additive", "linear"}
+    with pytest.raises(ValueError, match="GO graph"):
+        B.fit_baselines(train)
+    assert set(B.fit_baselines(train, B.BASELINES, go=_go_for(train))) == {
+        "control_mean", "train_mean", "additive", "linear", "go_prior"}
+
+
+def _go_for(train):
+    """A GO graph over the toy's perturbed genes: a ring, each gene's two ring neighbours at Jaccard 0.5."""
+    from gears_dist.graphs.graph import GeneGraph
+
+    nodes = sorted({g for p in train.perts for g in p})
+    n = len(nodes)
+    src = [(i + d) % n for i in range(n) for d in (1, n - 1)] + list(range(n))
+    dst = [i for i in range(n) for _ in (1, 2)] + list(range(n))
+    return GeneGraph(nodes, np.array([src, dst]), np.array([0.5] * (2 * n) + [1.0] * n, np.float32))
+
+
+def test_go_prior_baseline_is_additive_on_trained_singles_and_covers_graph_genes():
+    train, test, truth, single, ctrl = _toy()
+    prior = B.GOPrior(train, _go_for(train))
+    np.testing.assert_allclose(prior(test), B.Additive(train)(test), atol=1e-5)
+    assert prior.covers([("P0", "P1"), ("P0", "X9")]).tolist() == [True, False]

@@ -36,7 +36,7 @@ def test_evaluate_split_table_and_oracle(tiny):
 
     ev = P.evaluate_split(store, split, predictors={"oracle": oracle})
     t = ev.table
-    assert set(t["predictor"]) == {"oracle", "control_mean", "train_mean", "additive", "linear"}
+    assert set(t["predictor"]) == {"oracle", "control_mean", "train_mean", "additive", "linear", "go_prior"}
     cats = set(ev.categories)
     assert set(t["category"]) == (cats | {"all"})
     assert cats <= {"combo_seen0", "combo_seen1", "combo_seen2", "unseen_single"}

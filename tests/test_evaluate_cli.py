@@ -116,7 +116,10 @@ def test_evaluate_cli_end_to_end(saved_model, tmp_path, capsys):
     assert "gears" in text and "additive" in text and "[all]" in text and "figures:" in text
     doc = json.loads((out / "metrics.json").read_text())
     preds = {r["predictor"] for r in doc["metrics"]}
-    assert preds == {"gears", "control_mean", "train_mean", "additive", "linear"}
+    assert preds == {"gears", "control_mean", "train_mean", "additive", "linear", "go_prior"}
+    # the headline is decided on validation and names where the model loses on test
+    assert "headline:" in text and doc["headline"]["model"] == "gears"
+    assert doc["headline"].get("best_on_val") in preds and "beaten_on_test" in doc["headline"]
     assert (out / "figures" / "delta_scatter.png").is_file() and (out / "figures" / "learning_curves.png").is_file()
     assert (out / "cell_eval" / "pred.h5ad").is_file()
     # The synthetic truth (sidecar of the ingested h5ad) gives GI precision for observed / additive / model.

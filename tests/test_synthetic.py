@@ -168,9 +168,10 @@ def test_truth_table_matches_conditions_and_effects(tiny_adata, tiny_h5ad):
     assert [d["interaction"] for d in sidecar["doubles"]] == kinds
 
 
-def test_double_effects_follow_their_recorded_interaction():
+@pytest.mark.parametrize("structure", ["random", "graph"])
+def test_double_effects_follow_their_recorded_interaction(structure):
     spec = synthetic.ScreenSpec(num_cells=4000, num_genes=300, num_singles=30, num_doubles=60,
-                                interaction_frac=0.5, seed=5)
+                                interaction_frac=0.5, interaction_structure=structure, seed=5)
     model = synthetic.screen_model(spec)
     names = model.condition_names
     row = {n: i for i, n in enumerate(names)}
@@ -190,6 +191,81 @@ def test_double_effects_follow_their_recorded_interaction():
         else:
             np.testing.assert_allclose(got, pred, atol=1e-5)
     assert seen >= {"additive", "synergy", "suppression", "neomorphism"}
+
+
+GRAPH = synthetic.ScreenSpec(num_cells=4000, num_genes=300, num_singles=60, num_doubles=300, interaction_frac=0.3,
+                             module_frac=0.8, interaction_structure="graph", seed=0)
+
+
+def _pair_features(model):
+    """GO Jaccard and downstream-effect cosine of each double, computed here from the GO sets."""
+    go = go_annotations()
+    row = {g: p for p, g in enumerate(model.perturbed)}
+    a, b = model.truth["gene_a"], model.truth["gene_b"]
+    jac = np.array([len(go[x] & go[y]) / len(go[x] | go[y]) for x, y in zip(a, b)])
+    eff = model.downstream.astype(np.float64)
+    eff /= np.linalg.norm(eff, axis=1, keepdims=True)
+    cos = np.array([eff[row[x]] @ eff[row[y]] for x, y in zip(a, b)])
+    return np.array(model.truth["interaction"]), jac, cos
+
+
+def _auc(pos, neg):
+    return (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+
+
+def test_graph_interactions_follow_go_and_effect_similarity():
+    model = synthetic.screen_model(GRAPH)
+    kinds, jac, cos = _pair_features(model)
+    # interaction_frac holds, and interaction_weights fix each type's count (largest remainder).
+    num_inter = round(GRAPH.interaction_frac * GRAPH.num_doubles)
+    counts = {k: int((kinds == k).sum()) for k in synthetic.INTERACTION_TYPES}
+    assert sum(counts.values()) == num_inter == 90
+    assert counts == {"synergy": 32, "suppression": 31, "neomorphism": 18, "epistasis": 9}
+    buffer = np.isin(kinds, ["suppression", "epistasis"])
+    additive, synergy = kinds == "additive", kinds == "synergy"
+    # Genes that share GO terms buffer each other; synergy comes from similar effects across GO
+    # neighbourhoods, not from GO overlap.
+    assert jac[buffer].mean() > 3 * jac[additive].mean()
+    assert jac[synergy].mean() < 0.5 * jac[buffer].mean()
+    assert cos[synergy].mean() > cos[additive].mean() + 0.15
+    assert cos[kinds == "suppression"].mean() > cos[kinds == "epistasis"].mean()
+    # Predictable from the pair's features: the rule's scores separate the types well.
+    assert _auc(jac[buffer], jac[~buffer]) > 0.9
+    assert _auc((cos - 2 * jac)[synergy], (cos - 2 * jac)[additive]) > 0.9
+    # An epistatic double follows its stronger single.
+    norm = dict(zip(model.perturbed, np.linalg.norm(model.downstream, axis=1)))
+    for i in np.flatnonzero(kinds == "epistasis"):
+        a, b = model.truth["gene_a"][i], model.truth["gene_b"][i]
+        assert (model.truth["c_a"][i] == 1.0) == (norm[a] >= norm[b])
+    # Deterministic: the same spec gives the same truth and effects.
+    again = synthetic.screen_model(GRAPH)
+    assert again.truth == model.truth
+    assert np.array_equal(again.effects, model.effects)
+
+
+def test_random_interactions_are_the_unchanged_null():
+    assert synthetic.ScreenSpec().interaction_structure == "random"
+    assert synthetic.PRESETS["demo"].interaction_structure == "graph"
+    model = synthetic.screen_model(TINY)
+    # Pinned from before interaction_structure existed: the random structure did not change.
+    assert model.truth["condition"] == ["ERLEC1+MARCHF6", "ERLEC1+RNF5", "ERLEC1+XKR9", "MARCHF6+TFEC", "GHR+RHBDD1",
+                                        "RNF5+SYVN1", "RNF185+TFEC", "GHR+TFEC"]
+    assert model.truth["interaction"] == ["additive", "suppression", "additive", "additive", "additive", "additive",
+                                          "additive", "synergy"]
+    # Same seed, same pairs under either structure; only which of them interact differs.
+    graph = synthetic.screen_model(GRAPH)
+    null = synthetic.screen_model(GRAPH.replace(interaction_structure="random"))
+    assert null.truth["condition"] == graph.truth["condition"]
+    assert np.array_equal(null.downstream, graph.downstream)
+    kinds, _, _ = _pair_features(null)
+    assert sum(k != "additive" for k in kinds) == round(GRAPH.interaction_frac * GRAPH.num_doubles)
+
+
+def test_bad_interaction_structure_names_the_field():
+    with pytest.raises(ConfigError, match="interaction_structure: expected one of \\['random', 'graph'\\]"):
+        synthetic.preset("tiny", interaction_structure="modules")
+    with pytest.raises(ConfigError, match="interaction_structure"):
+        TINY.replace(interaction_structure="Graph")
 
 
 def test_observed_responses_follow_the_true_effects(tiny_adata):

@@ -206,6 +206,14 @@ def reference_go_files(h5ad: Path, data_dir: Path) -> dict:
                         "reference GO files (ours, replaces its downloads)", bench_env())
 
 
+def reference_prepare(py_ref: Path, h5ad: Path, data_dir: Path, out_json: Path, label: str, env: dict,
+                      max_s: float | None, graphs: bool = False) -> dict:
+    """The reference's data preparation (+ model_initialize with graphs) alone in its process, stopped after
+    max_s wall seconds if given (then its record holds lower bounds)."""
+    return run_measured([str(py_ref), "tools/reference/run_reference.py", "prepare", str(h5ad), str(data_dir),
+                         *(["--graphs"] if graphs else []), "--out", str(out_json)], label, env, max_s=max_s)
+
+
 # ------------------------------------------------------------------------------------------ our side (children)
 def _cfg(precision: str, steps: int, epochs: int):
     from gears_dist.config import deep_merge
@@ -300,10 +308,10 @@ def run_screen(args) -> dict:
             # Its whole-screen preparation (+ model_initialize), alone, stopped after --ref-prepare-max-s: at
             # Norman size it runs for well over half an hour here (its per-cell loop slows as the screen grows),
             # so a stopped run gives lower bounds, and the table still finishes in ~30 minutes.
-            out["reference_prepare_full"] = rec = run_measured(
-                [str(py_ref), "tools/reference/run_reference.py", "prepare", str(h5ad), str(data_dir), "--graphs",
-                 "--out", str(BENCH / f"{tag}_reference_prepare.json")],
-                f"{tag}: reference prepare + model_initialize (whole screen)", env, max_s=args.ref_prepare_max_s)
+            out["reference_prepare_full"] = rec = reference_prepare(
+                py_ref, h5ad, data_dir, BENCH / f"{tag}_reference_prepare.json",
+                f"{tag}: reference prepare + model_initialize (whole screen)", env, args.ref_prepare_max_s,
+                graphs=True)
             full_done = not rec.get("timed_out") and rec.get("rc") == 0
         else:
             print(f"[bench] only {gate['available_gib']} GiB available (< {args.min_gib}): the reference's "
@@ -415,9 +423,8 @@ def run_memfit(args) -> dict:
         h5ad = screen_h5ad("norman", n)
         data_dir = BENCH / f"memfit_{n}_data"
         reference_go_files(h5ad, data_dir)
-        rec = run_measured([str(py_ref), "tools/reference/run_reference.py", "prepare", str(h5ad), str(data_dir),
-                            "--out", str(BENCH / f"memfit_{n}.json")], f"memfit: reference prepare {n} cells", env,
-                           max_s=args.max_s)
+        rec = reference_prepare(py_ref, h5ad, data_dir, BENCH / f"memfit_{n}.json",
+                                f"memfit: reference prepare {n} cells", env, args.max_s)
         r = rec.get("result") or {}
         point = {"cells": n, "genes": r.get("num_genes"), "prepare_s": (r.get("prepare") or {}).get("wall_s"),
                  "peak_rss_mb": (r.get("prepare") or {}).get("peak_rss_mb_after"),

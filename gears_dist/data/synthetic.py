@@ -18,6 +18,11 @@ What is generated (all deterministic by ``ScreenSpec.seed``):
   dominates: c = (1, w) with w small) and ``neomorphism`` (additive plus a new program). The truth
   table records, per double, ``c_a``, ``c_b`` (downstream log-fold = c_a·Δa + c_b·Δb + new) and
   ``magnitude`` = sqrt((c_a² + c_b²) / 2) (1 for additive, > 1 synergy, < 1 suppression).
+  ``interaction_structure`` says which doubles interact: ``random`` (default; each pair at random, the
+  null that no model can predict) or ``graph`` (as Norman et al. 2019 saw: genes sharing specific GO
+  terms buffer each other -- suppression, epistasis --, genes of different GO neighbourhoods with
+  similar single effects synergize, the rest are additive, neomorphism stays random), a function of
+  the GO graph and the singles plus a little seeded noise, so a model that sees both can learn it.
 - Counts are negative binomial (``nb_sparse``) around log-normal gene means times a log-normal
   library size (median ~10k UMIs for Norman-like screens), with a per-cell penetrance (a fraction
   of cells escape the perturbation). About 8% of cells are controls.
@@ -55,7 +60,7 @@ import os
 import pathlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -65,6 +70,7 @@ from gears_dist.data.conditions import condition_name
 from gears_dist.data.genes import go_annotations
 
 INTERACTION_TYPES = ("synergy", "suppression", "neomorphism", "epistasis")
+INTERACTION_STRUCTURES = ("random", "graph")
 TRUTH_KEY = "gears_dist_truth"
 STYLES = ("gears", "scperturb")
 TARGET_SUM = 1e4
@@ -88,6 +94,11 @@ class ScreenSpec:
     interaction_frac: float = 0.2           # doubles that are true interactions (not additive)
     interaction_weights: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"synergy": 0.35, "suppression": 0.35, "neomorphism": 0.2, "epistasis": 0.1})
+    # Which doubles interact and how: "random" (per pair at random, the null: not predictable;
+    # interaction_weights are each interaction's type probabilities) or "graph" (from the pair's GO and
+    # single-effect similarity, see _graph_interactions; the weights fix each type's count). The same
+    # seed gives the same pairs either way.
+    interaction_structure: Literal["random", "graph"] = "random"
     num_programs: int = 60                  # latent expression programs
     program_density: float = 0.05           # fraction of measured genes a program touches
     programs_per_term: int = 2              # programs mixed by each GO term
@@ -143,6 +154,8 @@ class ScreenSpec:
                 and (self.interaction_frac == 0 or sum(self.interaction_weights.values()) > 0),
                 "interaction_weights", f"expected non-negative weights with a positive sum, received "
                 f"{self.interaction_weights}")
+        require(self.interaction_structure in INTERACTION_STRUCTURES, "interaction_structure",
+                f"expected one of {list(INTERACTION_STRUCTURES)}, received {self.interaction_structure!r}")
         for name in ("num_programs", "programs_per_term", "block_cells"):
             require(getattr(self, name) >= 1, name, f"expected >= 1, received {getattr(self, name)}")
         for name in ("effect_scale", "library_median", "dispersion", "target_lfc", "max_lfc"):
@@ -182,7 +195,7 @@ PRESETS: dict[str, ScreenSpec] = {
     # Seconds: for tests.
     "tiny": ScreenSpec(num_cells=1500, num_genes=200, num_singles=12, num_doubles=8, block_cells=512),
     # The README demo trains on it in a few minutes on 2 cores.
-    "demo": ScreenSpec(num_cells=9000, num_genes=1000, num_singles=40, num_doubles=40),
+    "demo": ScreenSpec(num_cells=9000, num_genes=1000, num_singles=40, num_doubles=40, interaction_structure="graph"),
     # Norman et al. 2019 (GEARS' version): ~91k cells, 5,045 genes, 105 singles, 131 doubles, CRISPRa.
     "norman": ScreenSpec(num_cells=91000, num_genes=5045, num_singles=105, num_doubles=131,
                          control_frac=0.077, library_median=12000.0),
@@ -362,8 +375,91 @@ def _unit_rows(a: np.ndarray) -> np.ndarray:
     return a / norm
 
 
-def _doubles(spec: ScreenSpec, perturbed: list[str], downstream: np.ndarray, programs: np.ndarray,
-             own_cols: np.ndarray, rng: np.random.Generator) -> tuple[list[tuple[int, int]], np.ndarray, dict[str, list]]:
+def _pair_go_jaccard(go: dict[str, frozenset[int]], genes: list[str], ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """Jaccard of the GO term sets of genes[ia[k]] and genes[ib[k]], for the listed pairs only."""
+    terms = sorted({t for g in genes for t in go[g]})
+    member = _membership(go, genes, {t: k for k, t in enumerate(terms)})
+    sizes = np.diff(member.indptr)
+    inter = np.asarray(member[ia].multiply(member[ib]).sum(axis=1)).ravel()
+    union = sizes[ia] + sizes[ib] - inter
+    return np.divide(inter, union, out=np.zeros(len(ia)), where=union > 0)
+
+
+def _pair_effect_stats(downstream: np.ndarray, ia: np.ndarray, ib: np.ndarray,
+                       block: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cosine of the pairs' downstream effect vectors and the two norms; in row blocks, because
+    genome-wide screens have large (P x G) effect matrices and only the pairs are needed."""
+    cos, norm_a, norm_b = (np.zeros(len(ia)) for _ in range(3))
+    for s in range(0, len(ia), block):
+        a = downstream[ia[s:s + block]].astype(np.float64)
+        b = downstream[ib[s:s + block]].astype(np.float64)
+        norm_a[s:s + block] = np.linalg.norm(a, axis=1)
+        norm_b[s:s + block] = np.linalg.norm(b, axis=1)
+        denom = norm_a[s:s + block] * norm_b[s:s + block]
+        dot = np.einsum("ij,ij->i", a, b)
+        cos[s:s + block] = np.divide(dot, denom, out=np.zeros(len(dot)), where=denom > 0)
+    return cos, norm_a, norm_b
+
+
+def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+    share = weights / weights.sum() * total
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(-(share - counts), kind="stable")[:total - int(counts.sum())]] += 1
+    return counts
+
+
+# Noise on the graph rule's scores (in the features' own units): enough to break ties and blur the
+# thresholds, small next to the gap between related and unrelated pairs, so the type stays learnable.
+_GRAPH_NOISE_JACCARD = 0.02
+_GRAPH_NOISE_COSINE = 0.05
+
+
+def _graph_interactions(spec: ScreenSpec, num_inter: int, jaccard: np.ndarray, cosine: np.ndarray,
+                        rng: np.random.Generator) -> np.ndarray:
+    """Interaction type of each double from its pair's features (interaction_structure='graph').
+
+    The rule follows the pairs of Norman et al. 2019: genes with shared specific GO terms (one
+    module) buffer each other, genes of different modules that drive the same programs synergize,
+    the rest are mostly additive. `interaction_weights` fix how many of the `num_inter` interactions
+    are of each type (largest-remainder rounding); the rule decides which pairs get them:
+
+    - suppression + epistasis: the pairs of highest GO Jaccard. Of those, the ones whose effects agree
+      most (redundant genes: the double saturates) suppress; the rest are epistatic (the genes act
+      differently, the stronger one masks the other; see _doubles);
+    - synergy: of the remaining pairs, the highest effect cosine minus 2 x GO Jaccard (convergence on a
+      program through different GO neighbourhoods, not redundancy);
+    - neomorphism: at random among the rest (new programs are not predictable from the singles).
+    """
+    num = len(jaccard)
+    kinds = np.full(num, "additive", dtype=object)
+    # Drawn whatever the weights, so changing one weight does not reshuffle the others' noise.
+    buffer_score = jaccard + _GRAPH_NOISE_JACCARD * rng.standard_normal(num)
+    agree_score = cosine + _GRAPH_NOISE_COSINE * rng.standard_normal(num)
+    synergy_score = cosine - 2.0 * jaccard + _GRAPH_NOISE_COSINE * rng.standard_normal(num)
+    if not num_inter:
+        return kinds
+    names = [t for t in INTERACTION_TYPES if spec.interaction_weights.get(t, 0) > 0]
+    quota = dict(zip(names, _largest_remainder(np.array([spec.interaction_weights[t] for t in names]), num_inter)))
+    free = np.ones(num, dtype=bool)
+
+    def take(score: np.ndarray, count: int) -> np.ndarray:
+        top = np.argsort(-np.where(free, score, -np.inf), kind="stable")[:count]
+        free[top] = False
+        return top
+
+    buffered = take(buffer_score, quota.get("suppression", 0) + quota.get("epistasis", 0))
+    by_agreement = buffered[np.argsort(-agree_score[buffered], kind="stable")]
+    kinds[by_agreement[:quota.get("suppression", 0)]] = "suppression"
+    kinds[by_agreement[quota.get("suppression", 0):]] = "epistasis"
+    kinds[take(synergy_score, quota.get("synergy", 0))] = "synergy"
+    if quota.get("neomorphism", 0):
+        kinds[rng.choice(np.flatnonzero(free), size=quota["neomorphism"], replace=False)] = "neomorphism"
+    return kinds
+
+
+def _doubles(spec: ScreenSpec, go: dict[str, frozenset[int]], perturbed: list[str], downstream: np.ndarray,
+             programs: np.ndarray, own_cols: np.ndarray,
+             rng: np.random.Generator) -> tuple[list[tuple[int, int]], np.ndarray, dict[str, list]]:
     """Pairs of perturbed genes, their downstream effects and the ground-truth table."""
     num_p = len(perturbed)
     num_pairs = num_p * (num_p - 1) // 2
@@ -380,7 +476,17 @@ def _doubles(spec: ScreenSpec, perturbed: list[str], downstream: np.ndarray, pro
         pairs.append((i, j))
     num_inter = round(spec.interaction_frac * spec.num_doubles)
     kinds = np.array(["additive"] * spec.num_doubles, dtype=object)
-    if num_inter:
+    stronger_a = None
+    if spec.interaction_structure == "graph":
+        first = np.array([i for i, _ in pairs], dtype=np.int64)
+        second = np.array([j for _, j in pairs], dtype=np.int64)
+        cosine, norm_i, norm_j = _pair_effect_stats(downstream, first, second)
+        kinds = _graph_interactions(spec, num_inter, _pair_go_jaccard(go, perturbed, first, second), cosine, rng)
+        # An epistatic pair follows its stronger single (predictable from the singles, unlike a coin
+        # flip); the truth names a pair's genes in symbol order, so orient the comparison that way.
+        i_first = np.array([perturbed[i] < perturbed[j] for i, j in pairs], dtype=bool)
+        stronger_a = np.where(i_first, norm_i >= norm_j, norm_j > norm_i)
+    elif num_inter:
         names = [t for t in INTERACTION_TYPES if spec.interaction_weights.get(t, 0) > 0]
         w = np.array([spec.interaction_weights[t] for t in names], dtype=np.float64)
         which = rng.choice(spec.num_doubles, size=num_inter, replace=False)
@@ -400,7 +506,8 @@ def _doubles(spec: ScreenSpec, perturbed: list[str], downstream: np.ndarray, pro
             c_a = c_b = 0.2 + 0.4 * draw[0]
         elif kind == "epistasis":
             weak = 0.2 * draw[0]
-            c_a, c_b = (1.0, weak) if draw[1] < 0.5 else (weak, 1.0)
+            a_dominates = draw[1] < 0.5 if stronger_a is None else stronger_a[d]
+            c_a, c_b = (1.0, weak) if a_dominates else (weak, 1.0)
         delta = c_a * downstream[ia] + c_b * downstream[ib]
         if kind == "neomorphism":
             neo_ratio = 0.6 + 0.6 * draw[0]
@@ -451,7 +558,7 @@ def screen_model(spec: ScreenSpec) -> ScreenModel:
     downstream, programs = _go_effects(spec, go, perturbed, num_genes, rng)
     gene_index = {g: i for i, g in enumerate(genes)}
     own_cols = np.array([gene_index.get(g, -1) for g in perturbed], dtype=np.int64)
-    pairs, double_effects, truth = _doubles(spec, perturbed, downstream, programs, own_cols, rng)
+    pairs, double_effects, truth = _doubles(spec, go, perturbed, downstream, programs, own_cols, rng)
 
     # The perturbed gene's own expression: up for CRISPRa, down (knock-down) for CRISPRi.
     sign = 1.0 if spec.modality == "crispra" else -1.0

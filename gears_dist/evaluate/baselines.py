@@ -26,6 +26,10 @@ is meant to use (the rest get its fallback, reported as coverage).
   * A set's embedding is the SUM of its genes' embeddings, so pairs need no pair in training.
   A set with no embedding at all is predicted as b; ``covers`` is true when every gene of the set
   has a non-zero embedding.
+- ``go_prior``: the GO-neighbour prior that prior-anchored GEARS starts from (``gears_dist.model.prior``):
+  observed singles summed for trained genes, a shrunk GO-similarity-weighted mean of the neighbours'
+  training deltas for the others (k and shrinkage fitted leave-one-out on the training singles). It needs
+  the GO graph (``go=``); ``covers`` is true when every gene of the set is a node of it.
 """
 
 from __future__ import annotations
@@ -207,11 +211,39 @@ class LinearPCA(Baseline):
                         dtype=bool)
 
 
-BASELINES = {"control_mean": ControlMean, "train_mean": TrainMean, "additive": Additive, "linear": LinearPCA}
+class GOPrior(Baseline):
+    name = "go_prior"
+
+    def __init__(self, train: TrainingProfiles, go=None):
+        from gears_dist.model.prior import fit_go_prior
+
+        if go is None:
+            raise ValueError("go_prior baseline: needs the GO graph (go=GeneGraph); evaluate_split loads the store's")
+        deltas = train.means - train.control_mean[None, :]
+        singles = [i for i, p in enumerate(train.perts) if len(p) == 1]
+        doubles = [i for i, p in enumerate(train.perts) if len(p) == 2]
+        self.fit = fit_go_prior(go, [train.perts[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
+                                [train.perts[i] for i in doubles], deltas[doubles])
+        self.node_index = {g: i for i, g in enumerate(go.nodes)}
+        self.control = train.control_mean
+
+    def __call__(self, perts):
+        sets = [[self.node_index[g] for g in p if g in self.node_index] for p in perts]
+        return self.control[None, :] + self.fit.predict_delta(sets)
+
+    def covers(self, perts):
+        return np.array([len(p) > 0 and all(g in self.node_index for g in p) for p in perts], dtype=bool)
 
 
-def fit_baselines(train: TrainingProfiles, names: Sequence[str] = tuple(BASELINES)) -> dict[str, Baseline]:
+BASELINES = {"control_mean": ControlMean, "train_mean": TrainMean, "additive": Additive, "linear": LinearPCA,
+             "go_prior": GOPrior}
+# Baselines that need the GO graph (fit_baselines' `go`).
+NEEDS_GO = ("go_prior",)
+
+
+def fit_baselines(train: TrainingProfiles, names: Sequence[str] = tuple(BASELINES), go=None) -> dict[str, Baseline]:
+    """Fit the named baselines on the training profiles; `go` (a GeneGraph) for those in NEEDS_GO."""
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; expected some of {list(BASELINES)}")
-    return {n: BASELINES[n](train) for n in names}
+    return {n: BASELINES[n](train, go) if n in NEEDS_GO else BASELINES[n](train) for n in names}

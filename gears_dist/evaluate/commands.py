@@ -154,13 +154,22 @@ def _evaluate_into(out: pathlib.Path, final: pathlib.Path, args, store, split, s
     they will land, for messages)."""
     from gears_dist.evaluate import export, pipeline, plots, report
 
-    ev = pipeline.evaluate_split(store, split, predictors, baselines=baselines, conditions=args.conditions)
+    model = predictors.get("gears")
+    ev = pipeline.evaluate_split(store, split, predictors, baselines=baselines, conditions=args.conditions,
+                                 go=getattr(model, "go_graph", None))
     title = (f"gears-dist evaluate: {args.conditions} conditions of split {split_key!r} "
              f"({len(ev.truth.names)} conditions; mean over conditions per category)")
     print(report.format_table(ev.table, title=title))
-    files = report.write_results(ev.table, out, per_condition=ev.per_condition,
-                                 extra={"split": split_key, "store": str(store.path), "model": str(target),
-                                        "conditions": args.conditions})
+    extra = {"split": split_key, "store": str(store.path), "model": str(target), "conditions": args.conditions}
+    if model is not None and args.conditions == "test":
+        # The headline is chosen on validation; test only says where the model loses.
+        val_table = None
+        if [n for n in split.val if n != "ctrl"]:
+            val_table = pipeline.evaluate_split(store, split, predictors, baselines=baselines, conditions="val",
+                                                go=getattr(model, "go_graph", None)).table
+        text, extra["headline"] = report.headline(val_table, ev.table, "gears")
+        print("\n" + text)
+    files = report.write_results(ev.table, out, per_condition=ev.per_condition, extra=extra)
     artifacts = [files["json"], files["csv"]]
 
     # Genetic interactions: test pairs (the model never saw them), observed + additive + model.

@@ -50,10 +50,25 @@ def _genes_lookup(store):
     return genes_of
 
 
+def store_go_graph(store, graph_key: str | None = None):
+    """The GO graph for the go_prior baseline: the store's `graph_key` (a run's own graph), else the default
+    graph config's if stored, else built in memory from the store's genes (nothing is written)."""
+    from gears_dist.graphs.build import go_key, load_graph, perturbable_genes, perturbed_genes
+    from gears_dist.graphs.config import GraphConfig
+    from gears_dist.graphs.go import build_go_graph
+
+    cfg = GraphConfig()
+    for key in (graph_key, go_key(cfg)):
+        if key and store.has_component("graphs", key):
+            return load_graph(store, key)
+    return build_go_graph(perturbable_genes(store), cfg, perturbed=perturbed_genes(store))
+
+
 def evaluate_split(store, split, predictors: Mapping[str, Predictor] | None = None,
                    baselines: Sequence[str] = tuple(B.BASELINES), conditions: str = "test",
-                   block: int = 512) -> Evaluation:
-    """Metrics of every predictor and baseline on the split's `conditions` set ('test' or 'val')."""
+                   block: int = 512, go=None) -> Evaluation:
+    """Metrics of every predictor and baseline on the split's `conditions` set ('test' or 'val').
+    go: the GO graph for the go_prior baseline (default: `store_go_graph(store)`)."""
     import pandas as pd
 
     if conditions not in ("test", "val"):
@@ -69,7 +84,9 @@ def evaluate_split(store, split, predictors: Mapping[str, Predictor] | None = No
                   if k.startswith(prefix)}
     truth = truth_from_store(store, names)
     train = B.training_profiles(store, split.train)
-    fitted = B.fit_baselines(train, baselines) if baselines else {}
+    if go is None and any(b in B.NEEDS_GO for b in baselines):
+        go = store_go_graph(store)
+    fitted = B.fit_baselines(train, baselines, go=go) if baselines else {}
     everyone: dict[str, Predictor] = {**(predictors or {}), **fitted}
     per_condition, preds, coverage, rows = {}, {}, {}, []
     for pname, predictor in everyone.items():

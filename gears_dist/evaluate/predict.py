@@ -111,6 +111,7 @@ class TrainedPredictor:
         self.device = torch.device(device)
         self.control_mean = store.array("stats/control_mean").astype(np.float64)
         self.uncertainty = self.model.uncertainty_head is not None
+        self.go_graph = None  # the model's GeneGraph (set by load): the go_prior baseline uses the same graph
         from gears_dist.data.genes import aliases
 
         self._aliases = aliases()
@@ -151,13 +152,19 @@ class TrainedPredictor:
         go_ei, go_ew = go.to_torch()
         co_ei, co_ew = coexpr.to_torch()
         model = GEARSModel(cfg.model, st.num_genes, go.num_nodes, go_ei, go_ew, co_ei, co_ew)
+        if cfg.model.prior != "none":
+            from gears_dist.model.prior import SetPrior
+
+            model.attach_prior(SetPrior.from_state_dict(state))
         own = model.state_dict()
         missing = sorted(set(own) - set(state))
         if missing:
             raise ValueError(f"saved weights in {str(where)!r} lack {missing[:5]}; the model config does not match")
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own})
         model.to(torch.device(device))
-        return cls(model, meta, st, go.nodes, device)
+        predictor = cls(model, meta, st, go.nodes, device)
+        predictor.go_graph = go
+        return predictor
 
     # -- validation
     def check_sets(self, sets: Sequence[Sequence[str] | str]) -> list[tuple[str, ...]]:

@@ -138,3 +138,50 @@ def log_to_mlflow(table, artifacts: Sequence[str | os.PathLike] = (), *, run_id:
     if created:
         client.set_terminated(run_id)
     return run_id
+
+
+def headline(val_table, test_table, model: str, metric: str = "mse_de") -> tuple[str, dict]:
+    """Which predictor to believe, decided on validation (never on test), and where the model loses on test.
+
+    Returns (text, record): the predictor with the best validation `metric` over all validation conditions,
+    the model's value beside it, and per test category the baselines that beat the model on pearson_delta or
+    mse_de (mean over the category's conditions)."""
+    record: dict = {"model": model, "metric": metric}
+    lines = []
+    if val_table is not None and len(val_table):
+        val = val_table[val_table["category"] == "all"].set_index("predictor")[metric].astype(float).dropna()
+        if model in val.index and len(val) > 1:
+            lower = not HIGHER_IS_BETTER.get(metric, True)
+            best = val.idxmin() if lower else val.idxmax()
+            record.update({"best_on_val": best, "val": {k: float(v) for k, v in val.items()}})
+            if best == model:
+                runner = val.drop(model)
+                second = runner.idxmin() if lower else runner.idxmax()
+                lines.append(f"headline: the model ({model}) is the best predictor on validation ({metric} "
+                             f"{val[model]:.4g}; next {second} {val[second]:.4g})")
+            else:
+                lines.append(f"headline: {best} is better than the model on validation ({metric} {val[best]:.4g} vs "
+                             f"{val[model]:.4g}): on this split the model adds nothing over {best}; prefer it")
+    else:
+        lines.append("headline: no validation conditions, so no predictor is chosen (test is never used to choose)")
+    losses = {}
+    for cat in sorted(test_table["category"].unique(), key=category_sort_key):
+        sub = test_table[test_table["category"] == cat].set_index("predictor")
+        if model not in sub.index:
+            continue
+        beaten = []
+        for m, higher in (("pearson_delta", True), ("mse_de", False)):
+            mine = float(sub.loc[model, m])
+            for p, v in sub[m].astype(float).items():
+                if p != model and not math.isnan(v) and (v > mine if higher else v < mine):
+                    beaten.append(f"{p} ({m} {v:.4g} vs {mine:.4g})")
+        if beaten:
+            losses[cat] = beaten
+    record["beaten_on_test"] = losses
+    if losses:
+        lines.append("where a baseline beats the model on test: " + "; ".join(
+            f"{cat}: {', '.join(b)}" for cat, b in losses.items()))
+    else:
+        lines.append("on test the model is at least as good as every baseline in every category "
+                     "(pearson_delta and mse_de)")
+    return "\n".join(lines), record

@@ -23,6 +23,11 @@ class ModelConfig:
     batch has fewer distinct sets than cells by a margin (a shape test, no host sync).
     `sync_batchnorm`: all-reduce BatchNorm batch statistics across torch.distributed ranks when a process
     group is initialized, so every worker normalizes with the global batch (needed for graph-partitioned shards).
+    `prior`: 'none' is the reference architecture (delta = the network's output); 'go' is prior-anchored GEARS:
+    delta = prior(S) + the network's output, prior(S) the GO-neighbour prior fitted on the training split
+    (gears_dist/model/prior.py), cross-fitted while training, with the network's last layer initialized to
+    zero so that training starts exactly at the prior. `prior_max_exact_mb`: above this many MB of training
+    singles' deltas (T x G float32) the prior keeps a rank-`prior_rank` factorization of them instead.
     """
 
     hidden_size: int = 64
@@ -37,6 +42,9 @@ class ModelConfig:
     sync_batchnorm: bool = False
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
+    prior: Literal["none", "go"] = "none"
+    prior_max_exact_mb: float = 64.0
+    prior_rank: int = 256
 
     def validate(self) -> None:
         require(self.hidden_size >= 1, "hidden_size", f"expected a positive integer, received {self.hidden_size}")
@@ -49,6 +57,11 @@ class ModelConfig:
         require(self.coexpr_scale >= 0.0, "coexpr_scale", f"expected >= 0, received {self.coexpr_scale}")
         require(0.0 <= self.bn_momentum <= 1.0, "bn_momentum", f"expected in [0, 1], received {self.bn_momentum}")
         require(self.bn_eps > 0.0, "bn_eps", f"expected > 0, received {self.bn_eps}")
+        require(self.prior in ("none", "go"), "prior", f"expected 'none' (the reference architecture) or 'go' "
+                f"(prior-anchored), received {self.prior!r}")
+        require(self.prior_max_exact_mb >= 0.0, "prior_max_exact_mb", f"expected >= 0, received "
+                f"{self.prior_max_exact_mb}")
+        require(self.prior_rank >= 1, "prior_rank", f"expected a positive integer, received {self.prior_rank}")
 
     @property
     def recovery_sizes(self) -> list[int]:

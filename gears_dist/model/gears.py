@@ -16,6 +16,9 @@ What it computes is the reference architecture (DESIGN.md "The model"); how it c
 * In eval (predict_delta) the recovery MLP's BatchNorms are folded into their Linears and its last Linear +
   BatchNorm into the per-gene map (`_eval_decoder_maps`): per (set, gene) only the first Linear runs.
 
+With ``cfg.prior == 'go'`` (prior-anchored GEARS) the GO-neighbour prior of the set (``SetPrior``, attached with
+``attach_prior``) is added to the network's delta; in training mode with the cross-fitted table.
+
 In 'parity' co-expression mode the first cell of the batch is its own group whose gene base has the
 co-expression aggregation and every other cell's has none (the reference's batching defect).
 """
@@ -37,6 +40,7 @@ from gears_dist.model.layers import (
     group_sums,
     native_batch_norm_ok,
 )
+from gears_dist.model.prior import SetPrior
 
 
 def renormalized(weight: Tensor, max_norm: float = 1.0) -> Tensor:
@@ -146,6 +150,28 @@ class GEARSModel(nn.Module):
         self.go_halo: Propagation | None = None
         self.register_buffer("halo_ids", None, persistent=False)
         self.register_buffer("halo_local", None, persistent=False)
+        self.prior: SetPrior | None = None
+
+    def attach_prior(self, prior: SetPrior) -> None:
+        """Anchor the model at `prior` (cfg.prior 'go'): the network's output layer is set to zero, so the model's
+        delta is exactly prior(S) until training moves it. (Loading saved weights afterwards restores them.)"""
+        if self.cfg.prior != "go":
+            raise ValueError(f"attach_prior: model.prior is {self.cfg.prior!r}; set model.prior: go")
+        if prior.mean_delta.shape != (self.num_genes,) or prior.eval_index.shape[0] != self.num_perts:
+            raise ValueError(f"attach_prior: the prior covers {tuple(prior.mean_delta.shape)} genes and "
+                             f"{prior.eval_index.shape[0]} GO nodes; the model has {self.num_genes} and {self.num_perts}")
+        self.prior = prior.to(self.gene_w2.device)
+        with torch.no_grad():
+            self.gene_w2.zero_()
+            self.gene_b2.zero_()
+
+    def _with_prior(self, delta: Tensor, perts: Tensor) -> Tensor:
+        if self.cfg.prior == "none":
+            return delta
+        if self.prior is None:
+            raise RuntimeError("model.prior is 'go' but no prior is attached: call attach_prior(SetPrior(fit)) "
+                               "(training and TrainedPredictor.load do)")
+        return delta + self.prior(perts, cross_fit=self.training)
 
     def _init_gene_maps(self) -> None:
         # Xavier-normal with the fan-in/fan-out the reference's parameter shapes imply:
@@ -377,7 +403,8 @@ class GEARSModel(nn.Module):
         gene_base = self._gene_base(variant_weight, weight.sum())
         shift = self._set_shift(perts, weight)
         hidden = self._first_hidden(gene_base, shift, variant, weight)
-        return self._decode(hidden, None if one_cell_each else weight)
+        delta, logvar = self._decode(hidden, None if one_cell_each else weight)
+        return self._with_prior(delta, perts), logvar
 
     # ------------------------------------------------------------------ public API
     def use_fast_path(self, num_sets: int, num_cells: int) -> bool:
@@ -427,7 +454,7 @@ class GEARSModel(nn.Module):
             shift = self._set_shift(part, weight, go_table)
             hidden = self._first_hidden(gene_base, shift, None, weight)
             delta, logvar = self._decode(hidden, None) if maps is None else self._decode_folded(hidden, maps)
-            deltas.append(delta)
+            deltas.append(self._with_prior(delta, part))
             logvars.append(logvar)
         delta = torch.cat(deltas) if deltas else torch.zeros(0, self.num_genes, device=device)
         if not return_logvar:

@@ -222,6 +222,14 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
     go_ei, go_ew = go.to_torch()
     co_ei, co_ew = coexpr.to_torch()
     model = GEARSModel(cfg.model, store.num_genes, go.num_nodes, go_ei, go_ew, co_ei, co_ew)
+    if cfg.model.prior == "go":
+        # Fitted on the training conditions' means alone, deterministically: every worker gets the same prior.
+        from gears_dist.model.prior import SetPrior, fit_from_store
+
+        fit = fit_from_store(store, split.train, go, cfg.model.prior_max_exact_mb, cfg.model.prior_rank)
+        model.attach_prior(SetPrior(fit))
+        if rank == 0:
+            print(f"gears-dist train: {fit.summary()}", flush=True)
     go_nodes_used = go.num_nodes
     if cfg.sharding.mode == "graph" and cfg.sharding.halo and world_size > 1:
         # the nodes this worker's training cells and its share of validation conditions perturb
@@ -511,6 +519,18 @@ def run_worker(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str | os.
             print(f"gears-dist train: MLflow run {run_id} at {tracker.uri}", flush=True)
     run_id_box = [run_id]
 
+    if cfg.model.prior == "go" and resume_from is None:
+        # The prior alone (the network's output layer starts at zero) is the first candidate for the best model:
+        # training keeps the network's residual only where it helps on validation.
+        val = evaluate(w, w.val_conditions, "val")
+        if val:
+            best = {"score": val["val_mse_de"], "epoch": -1}
+            best_state = full_state_dict(w)
+            if rank == 0:
+                print("prior only (before training): " + " ".join(
+                    f"{k} {v:.4g}" for k, v in val.items() if k in ("val_mse", "val_mse_de", "val_pearson_delta")),
+                      flush=True)
+
     for epoch in range(start_epoch, cfg.train.epochs):
         t_epoch = time.perf_counter()
         stats = train_epoch(w, epoch, start_step if epoch == start_epoch else 0)
@@ -581,7 +601,10 @@ def finish_run(w: Worker, best_state: dict | None, history: list, best: dict | N
 def format_summary(summary: dict) -> str:
     lines = ["gears-dist train: summary"]
     best = summary.get("best") or {}
-    if best:
+    if best and best.get("epoch") == -1:
+        lines.append(f"  best: the GO prior alone (val mse_de {best.get('score'):.5g}); no epoch of training improved "
+                     f"it on validation, so the network's residual is left out")
+    elif best:
         lines.append(f"  best epoch {best.get('epoch')} (val mse_de {best.get('score'):.5g})")
     for k, v in sorted(summary.get("final", {}).items()):
         if not k.endswith("num_conditions"):

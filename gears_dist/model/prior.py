@@ -1,0 +1,293 @@
+"""The GO-neighbour prior: what a perturbation set does, estimated from the training conditions alone.
+
+Prior-anchored GEARS predicts control + prior(S) + residual(S), the residual being the GEARS network; the
+same prior is also reported as a baseline (``go_prior``), so a user sees what the network adds to it.
+
+Per gene p, a deviation from m, the train-mean delta (training conditions weighted equally, as the
+``train_mean`` baseline):
+
+- p's single is in training: dev(p) = d_p - m, its observed delta;
+- otherwise: dev(p) = lambda_p (a_p - m), a_p the GO-similarity-weighted mean of the observed deltas of p's
+  top-k GO neighbours among the training singles, shrunk by lambda_p = W_p / (W_p + tau) (W_p: their total
+  Jaccard weight; no neighbour: dev 0). k and tau are fitted by leave-one-out over the training singles.
+
+For a set S: prior(S) = |S| m + sum_p dev(p) when S has a gene whose single was trained, or one gene: that is
+the additive baseline when every single was trained, and the shrunk GO estimate for an unseen single. A set
+of two or more genes none of which was trained gets m + beta sum_p dev(p): summing per-gene estimates that
+are each already pulled toward m would count m |S| times. beta in [0, 1] is fitted on the training doubles,
+cross-fitted (each double's two singles held out of its own GO estimates); 0 without such doubles.
+
+Cross-fitting during training (``SetPrior(..., cross_fit=True)``): a training single's prior is its own
+leave-one-out GO estimate, which is what an unseen gene gets at test time, so the residual learns to correct
+the GO estimate; a training double's prior is the sum of its singles' observed deltas, which is what a seen
+pair gets at test time, so the residual learns the interaction. No training condition's prior uses its own
+cells.
+
+Memory: the deltas are kept as rows R = D - m of the training singles [T, G], or, when T x G exceeds
+``max_exact_mb``, as a rank-r factorization R ~ rows [T, r] @ basis [r, G] (r = ``rank``); per gene only
+its k + 1 coefficients on those rows are stored, so genome scale (10k singles x 8k genes) costs a few MB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+K_GRID = (5, 10, 20)
+TAU_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, np.inf)
+# Leave-one-out fits use at most this many training singles and doubles (genome screens have ~10k).
+MAX_FIT_CONDITIONS = 1000
+
+
+@dataclasses.dataclass
+class PriorFit:
+    """A fitted GO-neighbour prior over the P nodes of a GO graph (numpy; ``SetPrior`` is its torch form)."""
+
+    nodes: list[str]            # GO graph nodes (the model's perturbation vocabulary)
+    single_genes: list[str]     # the T training singles whose deltas the prior uses
+    mean_delta: np.ndarray      # [G] train-mean delta m
+    rows: np.ndarray            # [T, r] residual rows R = D - m (r = G when exact)
+    basis: np.ndarray | None    # [r, G] or None (exact)
+    eval_index: np.ndarray      # [P, k + 1] rows of R per node (-1 padding)
+    eval_weight: np.ndarray     # [P, k + 1]
+    loo_index: np.ndarray       # [P, k + 1]: a trained single's leave-one-out GO estimate (others: as eval)
+    loo_weight: np.ndarray
+    seen: np.ndarray            # [P] bool: the node's single is in training
+    beta_unseen: float          # weight of the deviations for sets of >= 2 genes, none trained
+    k: int
+    tau: float
+    loo_mse: float              # leave-one-out MSE of the fitted estimate over the training singles
+
+    def summary(self) -> str:
+        lowrank = "exact" if self.basis is None else f"rank {self.basis.shape[0]}"
+        return (f"GO prior: {len(self.single_genes)} training singles ({lowrank}), k {self.k}, tau {self.tau:g}, "
+                f"beta for unseen sets {self.beta_unseen:.3f}, leave-one-out mse {self.loo_mse:.4g}")
+
+    def residual_rows(self) -> np.ndarray:
+        return self.rows if self.basis is None else self.rows @ self.basis
+
+    def predict_delta(self, sets: Sequence[Sequence[int]]) -> np.ndarray:
+        """prior(S) [U, G] for sets given as GO node ids (numpy twin of SetPrior.forward in eval mode)."""
+        kmax = max([1] + [len(s) for s in sets])
+        perts = np.full((len(sets), kmax), -1, dtype=np.int64)
+        for i, s in enumerate(sets):
+            perts[i, :len(s)] = list(s)
+        with torch.no_grad():
+            return SetPrior(self).eval()(torch.from_numpy(perts)).double().numpy()
+
+
+def _neighbour_lists(go, single_index: dict[str, int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per GO node: (training-single row ids, Jaccard weights) of its in-neighbours, strongest first, no self."""
+    src, dst = go.edge_index
+    weight = go.edge_weight
+    node_row = np.array([single_index.get(n, -1) for n in go.nodes], dtype=np.int64)
+    keep = (src != dst) & (node_row[src] >= 0) & (weight > 0)
+    src, dst, weight = src[keep], dst[keep], weight[keep]
+    order = np.lexsort((-weight, dst))
+    src, dst, weight = src[order], dst[order], weight[order]
+    bounds = np.searchsorted(dst, np.arange(go.num_nodes + 1))
+    return [(node_row[src[bounds[p]:bounds[p + 1]]], weight[bounds[p]:bounds[p + 1]].astype(np.float64))
+            for p in range(go.num_nodes)]
+
+
+def _estimate_coefficients(rows: np.ndarray, weights: np.ndarray, exclude: Sequence[int], k: int, tau: float
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, coefficients) of lambda * (Jaccard-weighted mean of the top-k neighbours), without `exclude`."""
+    if len(exclude):
+        ok = ~np.isin(rows, exclude)
+        rows, weights = rows[ok], weights[ok]
+    rows, weights = rows[:k], weights[:k]
+    total = weights.sum()
+    if total <= 0:
+        return rows[:0], weights[:0]
+    shrink = 1.0 if tau == 0 else (0.0 if np.isinf(tau) else total / (total + tau))
+    return rows, weights * (shrink / total)
+
+
+def _apply(coef: tuple[np.ndarray, np.ndarray], residuals: np.ndarray) -> np.ndarray:
+    rows, w = coef
+    return w @ residuals[rows] if rows.size else np.zeros(residuals.shape[1])
+
+
+def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mean_delta: np.ndarray,
+                 doubles: Sequence[tuple[str, str]] = (), double_deltas: np.ndarray | None = None,
+                 max_exact_mb: float = 64.0, rank: int = 256, seed: int = 0, k: int | None = None,
+                 tau: float | None = None) -> PriorFit:
+    """Fit the prior from the training singles' and doubles' deltas (condition mean - control mean).
+
+    go: the GO graph (GeneGraph: nodes, edge_index, edge_weight). single_genes [T] / single_deltas [T, G]: the
+    training singles; mean_delta [G]: the train-mean delta; doubles / double_deltas: the training doubles (for
+    beta). The training conditions only: nothing here may see validation or test conditions. k / tau: fixed
+    values instead of the leave-one-out fit (both or neither)."""
+    single_deltas = np.asarray(single_deltas, dtype=np.float64)
+    mean_delta = np.asarray(mean_delta, dtype=np.float64)
+    num_singles, num_genes = single_deltas.shape if single_deltas.ndim == 2 else (0, mean_delta.shape[0])
+    if len(single_genes) != num_singles or mean_delta.shape != (num_genes,):
+        raise ValueError(f"fit_go_prior: {len(single_genes)} single genes, deltas {single_deltas.shape}, mean delta "
+                         f"{mean_delta.shape}: expected [T] names, [T, G] deltas and a [G] mean")
+    node_index = {n: i for i, n in enumerate(go.nodes)}
+    # Training singles that are not GO nodes cannot be perturbed by the model: left out of the prior.
+    keep = [i for i, g in enumerate(single_genes) if g in node_index]
+    genes = [single_genes[i] for i in keep]
+    residuals = single_deltas[keep] - mean_delta[None, :] if keep else np.zeros((0, num_genes))
+    single_index = {g: i for i, g in enumerate(genes)}
+    neighbours = _neighbour_lists(go, single_index)
+    rng = np.random.default_rng(seed)
+
+    # k and tau by leave-one-out over (a sample of) the training singles: squared error over all genes.
+    fit_rows = np.arange(len(genes))
+    if fit_rows.size > MAX_FIT_CONDITIONS:
+        fit_rows = np.sort(rng.choice(fit_rows, MAX_FIT_CONDITIONS, replace=False))
+    if (k is None) != (tau is None):
+        raise ValueError(f"fit_go_prior: give both k and tau or neither (received k={k}, tau={tau})")
+    best = (np.inf, K_GRID[-1], np.inf) if k is None else (np.nan, int(k), float(tau))
+    if fit_rows.size and k is None:
+        for k in K_GRID:
+            for tau in TAU_GRID:
+                err = 0.0
+                for r in fit_rows:
+                    nbr_rows, nbr_w = neighbours[node_index[genes[r]]]
+                    est = _apply(_estimate_coefficients(nbr_rows, nbr_w, [r], k, tau), residuals)
+                    err += float(np.mean((est - residuals[r]) ** 2))
+                err /= fit_rows.size
+                if err < best[0] - 1e-12:
+                    best = (err, k, tau)
+    loo_mse, k, tau = best
+
+    # Per-node coefficient tables (padded to k + 1 entries).
+    width = k + 1
+    num_nodes = go.num_nodes
+    eval_index = np.full((num_nodes, width), -1, dtype=np.int64)
+    eval_weight = np.zeros((num_nodes, width))
+    loo_index, loo_weight = eval_index.copy(), eval_weight.copy()
+    seen = np.zeros(num_nodes, dtype=bool)
+    for p, name in enumerate(go.nodes):
+        nbr_rows, nbr_w = neighbours[p]
+        own = single_index.get(name)
+        rows_est, w_est = _estimate_coefficients(nbr_rows, nbr_w, [] if own is None else [own], k, tau)
+        loo_index[p, :rows_est.size], loo_weight[p, :rows_est.size] = rows_est, w_est
+        if own is None:
+            eval_index[p, :rows_est.size], eval_weight[p, :rows_est.size] = rows_est, w_est
+        else:
+            seen[p] = True
+            eval_index[p, 0], eval_weight[p, 0] = own, 1.0
+
+    # beta: training doubles of two trained singles, each single held out of both genes' estimates.
+    beta = 0.0
+    pairs = [(i, tuple(pair)) for i, pair in enumerate(doubles)
+             if len(pair) == 2 and all(g in single_index for g in pair)]
+    if pairs and double_deltas is not None and np.isfinite(tau):
+        if len(pairs) > MAX_FIT_CONDITIONS:
+            pairs = [pairs[i] for i in np.sort(rng.choice(len(pairs), MAX_FIT_CONDITIONS, replace=False))]
+        double_deltas = np.asarray(double_deltas, dtype=np.float64)
+        xy = xx = 0.0
+        for i, (a, b) in pairs:
+            held = [single_index[a], single_index[b]]
+            x = sum(_apply(_estimate_coefficients(*neighbours[node_index[g]], held, k, tau), residuals) for g in (a, b))
+            y = double_deltas[i] - mean_delta
+            xy += float(x @ y)
+            xx += float(x @ x)
+        beta = float(np.clip(xy / xx, 0.0, 1.0)) if xx > 0 else 0.0
+
+    rows, basis = residuals, None
+    if residuals.size * 4 > max_exact_mb * 2**20 and min(residuals.shape) > rank:
+        u, s, vt = np.linalg.svd(residuals, full_matrices=False)
+        rows, basis = u[:, :rank] * s[:rank], vt[:rank]
+    return PriorFit(nodes=list(go.nodes), single_genes=genes, mean_delta=mean_delta, rows=rows, basis=basis,
+                    eval_index=eval_index, eval_weight=eval_weight, loo_index=loo_index, loo_weight=loo_weight,
+                    seen=seen, beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse))
+
+
+def fit_from_store(store, train_conditions: Sequence[str], go, max_exact_mb: float = 64.0, rank: int = 256
+                   ) -> PriorFit:
+    """The prior from a store's training conditions (rows of stats/mean; never the cells)."""
+    table = dict(zip(store.condition_names, store.condition_genes()))
+    missing = [n for n in train_conditions if n not in table]
+    if missing:
+        raise ValueError(f"GO prior: training conditions not in the store: {missing[:10]}; is the split from this "
+                         f"store?")
+    perturbed = [n for n in train_conditions if len(table[n]) > 0]
+    if not perturbed:
+        raise ValueError("GO prior: the training split has no perturbed condition; the prior needs training "
+                         "perturbations (use a split with training singles)")
+    index = {n: i for i, n in enumerate(store.condition_names)}
+    rows = np.array(sorted(index[n] for n in perturbed), dtype=np.int64)
+    means = store.read("stats/mean", rows, orthogonal=True).astype(np.float64)
+    control = store.array("stats/control_mean").astype(np.float64)
+    deltas = means - control[None, :]
+    genes = [tuple(table[store.condition_names[r]]) for r in rows]
+    singles = [i for i, g in enumerate(genes) if len(g) == 1]
+    doubles = [i for i, g in enumerate(genes) if len(g) == 2]
+    return fit_go_prior(go, [genes[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
+                        [genes[i] for i in doubles], deltas[doubles], max_exact_mb=max_exact_mb, rank=rank)
+
+
+class SetPrior(nn.Module):
+    """prior(S) [U, G] for perturbation sets perts [U, K] (GO node ids padded with -1); torch form of PriorFit.
+
+    Buffers only (no parameters): they are saved with the model, so a loaded model predicts with the prior it
+    was trained with. ``forward(perts, cross_fit=True)`` gives sets of one gene their leave-one-out estimate
+    (training); sets of two or more genes always use the observed singles."""
+
+    def __init__(self, fit: PriorFit | None = None, *, shapes: dict[str, tuple[int, ...]] | None = None):
+        super().__init__()
+        if fit is not None:
+            tensors = {
+                "mean_delta": torch.as_tensor(fit.mean_delta, dtype=torch.float32),
+                "rows": torch.as_tensor(fit.rows, dtype=torch.float32),
+                "basis": torch.as_tensor(fit.basis if fit.basis is not None else np.zeros((0, 0)),
+                                         dtype=torch.float32),
+                "eval_index": torch.as_tensor(fit.eval_index), "eval_weight": torch.as_tensor(
+                    fit.eval_weight, dtype=torch.float32),
+                "loo_index": torch.as_tensor(fit.loo_index), "loo_weight": torch.as_tensor(
+                    fit.loo_weight, dtype=torch.float32),
+                "seen": torch.as_tensor(fit.seen), "beta_unseen": torch.tensor(float(fit.beta_unseen)),
+            }
+        elif shapes is not None:
+            dtypes = {"eval_index": torch.long, "loo_index": torch.long, "seen": torch.bool}
+            tensors = {k: torch.zeros(s, dtype=dtypes.get(k, torch.float32)) for k, s in shapes.items()}
+        else:
+            raise ValueError("SetPrior: pass a PriorFit, or the buffer shapes of a saved one (from_state_dict)")
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+    BUFFERS = ("mean_delta", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight", "seen",
+               "beta_unseen")
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "prior.") -> SetPrior:
+        """An empty SetPrior shaped like the one saved in `state` (load_state_dict then fills it)."""
+        missing = [b for b in cls.BUFFERS if prefix + b not in state]
+        if missing:
+            raise ValueError(f"saved weights lack the prior's {missing} (keys '{prefix}*'): the model was trained "
+                             f"without model.prior, or with another version")
+        return cls(shapes={b: tuple(state[prefix + b].shape) for b in cls.BUFFERS})
+
+    def forward(self, perts: Tensor, cross_fit: bool = False) -> Tensor:
+        valid = perts >= 0
+        node = perts.clamp_min(0)
+        size = valid.sum(1)
+        index, weight = self.eval_index[node], self.eval_weight[node]          # [U, K, k + 1]
+        seen = self.seen[node] & valid
+        if cross_fit:
+            single = (size == 1).view(-1, 1, 1)
+            index = torch.where(single, self.loo_index[node], index)
+            weight = torch.where(single, self.loo_weight[node], weight)
+            seen = seen & (size > 1).unsqueeze(1)
+        use = valid.unsqueeze(-1) & (index >= 0)
+        rows = self.rows.float()
+        num_sets = perts.shape[0]
+        set_id = torch.arange(num_sets, device=perts.device).view(-1, 1, 1).expand_as(index)[use]
+        contrib = rows.index_select(0, index[use]) * weight[use].float().unsqueeze(1)
+        dev = torch.zeros(num_sets, rows.shape[1], device=rows.device).index_add_(0, set_id, contrib)
+        if self.basis.numel():
+            dev = dev @ self.basis.float()
+        # |S| m + sum dev when a gene of S was trained (or |S| = 1); m + beta sum dev for unseen sets.
+        anchored = seen.any(1) | (size <= 1)
+        count = torch.where(anchored, size, torch.ones_like(size)).to(dev.dtype)
+        beta = torch.where(anchored, torch.ones_like(count), self.beta_unseen.float().expand_as(count))
+        return count.unsqueeze(1) * self.mean_delta.float().unsqueeze(0) + beta.unsqueeze(1) * dev

@@ -1,0 +1,153 @@
+"""The GO-neighbour prior and prior-anchored GEARS: no leakage, sets of 1-3 genes, output = prior at init."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gears_dist.config import ConfigError, from_dict
+from gears_dist.graphs.graph import GeneGraph
+from gears_dist.model import GEARSModel, ModelConfig
+from gears_dist.model.prior import SetPrior, fit_go_prior
+
+NODES = [f"N{i}" for i in range(8)]
+NUM_GENES = 12
+
+
+def _graph() -> GeneGraph:
+    # A ring with chords: every node has 2-4 in-neighbours of different Jaccard weights, plus self loops.
+    edges = {}
+    for i in range(8):
+        for j, w in (((i + 1) % 8, 0.5), ((i + 7) % 8, 0.4), ((i + 3) % 8, 0.2)):
+            edges[j, i] = w
+    src = [s for s, _ in edges] + list(range(8))
+    dst = [d for _, d in edges] + list(range(8))
+    weight = list(edges.values()) + [1.0] * 8
+    return GeneGraph(NODES, np.array([src, dst]), np.array(weight, np.float32))
+
+
+def _fit(single_genes=("N0", "N1", "N2", "N4", "N5"), seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    deltas = rng.normal(size=(len(single_genes), NUM_GENES))
+    doubles = [("N0", "N1"), ("N2", "N4")]
+    double_deltas = rng.normal(size=(2, NUM_GENES))
+    mean = np.concatenate([deltas, double_deltas]).mean(0)
+    fit = fit_go_prior(_graph(), list(single_genes), deltas, mean, doubles, double_deltas, **kw)
+    fit.inputs = (doubles, double_deltas)
+    return fit, dict(zip(single_genes, deltas)), mean
+
+
+def _go_estimate(fit, node: int, exclude: str | None, singles: dict, mean: np.ndarray) -> np.ndarray:
+    """lambda * (weighted mean of the top-k trained neighbours) - m, from the graph directly."""
+    g = _graph()
+    src, dst = g.edge_index
+    cand = sorted(((float(w), NODES[s]) for s, d, w in zip(src, dst, g.edge_weight)
+                   if d == node and s != node and NODES[s] in singles and NODES[s] != exclude), reverse=True)[:fit.k]
+    if not cand:
+        return np.zeros(NUM_GENES)
+    total = sum(w for w, _ in cand)
+    lam = 1.0 if fit.tau == 0 else (0.0 if np.isinf(fit.tau) else total / (total + fit.tau))
+    return lam * sum(w * (singles[n] - mean) for w, n in cand) / total
+
+
+@pytest.mark.parametrize("k,tau", [(2, 0.0), (3, 0.3), (5, np.inf)])
+def test_prior_on_sets_of_one_two_and_three_genes(k, tau):
+    fit, singles, m = _fit(k=k, tau=tau)
+    dev = {n: singles[n] - m if n in singles else _go_estimate(fit, i, None, singles, m) for i, n in enumerate(NODES)}
+    sets = [[], [0], [3], [0, 1], [0, 3], [3, 6], [0, 1, 2], [3, 6, 7], [0, 3, 6]]
+    got = fit.predict_delta(sets)
+    for s, row in zip(sets, got):
+        names = [NODES[i] for i in s]
+        if not s:
+            want = np.zeros(NUM_GENES)
+        elif len(s) == 1 or any(n in singles for n in names):
+            want = len(s) * m + sum(dev[n] for n in names)          # observed singles summed where trained
+        else:
+            want = m + fit.beta_unseen * sum(dev[n] for n in names)  # no trained gene: m counted once
+        np.testing.assert_allclose(row, want, atol=1e-5, err_msg=str(names))
+    # a set of trained singles is the additive prediction exactly
+    np.testing.assert_allclose(got[3], singles["N0"] + singles["N1"], atol=1e-5)
+
+
+def test_cross_fitted_prior_never_uses_a_training_conditions_own_data():
+    fit, singles, m = _fit(k=3, tau=0.1)
+    prior = SetPrior(fit)
+    perts = torch.tensor([[0, -1], [1, -1], [0, 1]])
+    # Structure: a trained single's leave-one-out row never points at its own delta.
+    for name, row in zip(fit.single_genes, range(len(fit.single_genes))):
+        assert row not in fit.loo_index[NODES.index(name)].tolist()
+    before = prior(perts, cross_fit=True)
+    # Changing N0's own delta (its cells) must not move N0's training prior; N1's, a neighbour's, may move.
+    changed = dict(singles)
+    changed["N0"] = singles["N0"] + 5.0
+    fit2 = fit_go_prior(_graph(), list(changed), np.stack(list(changed.values())), m, *fit.inputs, k=3, tau=0.1)
+    after = SetPrior(fit2)(perts, cross_fit=True)
+    torch.testing.assert_close(after[0], before[0])
+    np.testing.assert_allclose(before[0].numpy(), m + _go_estimate(fit, 0, "N0", singles, m), atol=1e-5)
+    # A training double's prior is the sum of its observed singles (its own cells are not used).
+    np.testing.assert_allclose(before[2].numpy(), singles["N0"] + singles["N1"], atol=1e-5)
+    # Outside training the trained single is its observed delta.
+    np.testing.assert_allclose(prior(perts)[0].numpy(), singles["N0"], atol=1e-5)
+
+
+def test_hyperparameters_are_fitted_leave_one_out_and_low_rank_is_close():
+    fit, singles, m = _fit()
+    assert fit.k in (5, 10, 20) and np.isfinite(fit.loo_mse) and 0.0 <= fit.beta_unseen <= 1.0
+    low = _fit(max_exact_mb=0.0, rank=2)[0]
+    assert low.basis is not None and low.rows.shape == (5, 2)
+    exact = fit.predict_delta([[0], [3, 6]])
+    approx = low.predict_delta([[0], [3, 6]])
+    assert np.abs(exact - approx).max() < np.abs(exact).max()  # a rank-2 view of 5 deltas: close, not equal
+
+
+def _model_with_prior(seed=0) -> tuple[GEARSModel, SetPrior]:
+    torch.manual_seed(seed)
+    g = _graph()
+    ei, ew = g.to_torch()
+    co = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]])
+    model = GEARSModel(ModelConfig(hidden_size=8, prior="go"), NUM_GENES, len(NODES), ei, ew, co, None)
+    fit = _fit(k=3, tau=0.1)[0]
+    prior = SetPrior(fit)
+    model.attach_prior(prior)
+    return model, prior
+
+
+def test_prior_anchored_model_starts_exactly_at_the_prior():
+    model, prior = _model_with_prior()
+    perts = torch.tensor([[-1, -1], [0, -1], [3, -1], [0, 1], [3, 6]])
+    inverse = torch.tensor([0, 1, 2, 3, 4, 4, 1])
+    x = torch.rand(inverse.numel(), NUM_GENES)
+    pred, _ = model(x, perts, inverse)  # training mode: the cross-fitted prior
+    torch.testing.assert_close(pred, x + prior(perts, cross_fit=True)[inverse])
+    model.eval()
+    torch.testing.assert_close(model.predict_delta(perts), prior(perts))
+    # and the network can move it: after a step the output differs from the prior
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pred, _ = model(x, perts, inverse)
+    ((pred - x - 1.0) ** 2).mean().backward()
+    opt.step()
+    model.eval()
+    assert not torch.allclose(model.predict_delta(perts), prior(perts))
+
+
+def test_saved_prior_reloads_and_config_is_validated():
+    model, prior = _model_with_prior()
+    state = model.state_dict()
+    assert {k for k in state if k.startswith("prior.")} == {f"prior.{b}" for b in SetPrior.BUFFERS}
+    g = _graph()
+    ei, ew = g.to_torch()
+    fresh = GEARSModel(ModelConfig(hidden_size=8, prior="go"), NUM_GENES, len(NODES), ei, ew,
+                       torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]]), None)
+    fresh.attach_prior(SetPrior.from_state_dict(state))
+    fresh.load_state_dict(state)
+    perts = torch.tensor([[0, 5], [2, -1]])
+    torch.testing.assert_close(fresh.eval().predict_delta(perts), model.eval().predict_delta(perts))
+    with pytest.raises(RuntimeError, match="attach_prior"):
+        GEARSModel(ModelConfig(hidden_size=8, prior="go"), NUM_GENES, len(NODES), ei, ew,
+                   torch.tensor([[0], [1]]), None).eval().predict_delta(perts)
+    with pytest.raises(ConfigError, match="prior"):
+        from_dict(ModelConfig, {"prior": "knn"}).validate()
+    with pytest.raises(ValueError, match="prior"):
+        SetPrior.from_state_dict({})
