@@ -153,12 +153,15 @@ def headline(val_table, test_table, model: str, metric: str = "mse_de") -> tuple
         if model in val.index and len(val) > 1:
             lower = not HIGHER_IS_BETTER.get(metric, True)
             best = val.idxmin() if lower else val.idxmax()
+            if _same(val[best], val[model]):
+                best = model  # a tie (e.g. the model kept its prior alone) goes to the model
             record.update({"best_on_val": best, "val": {k: float(v) for k, v in val.items()}})
             if best == model:
                 runner = val.drop(model)
                 second = runner.idxmin() if lower else runner.idxmax()
+                how = "ties with" if _same(val[second], val[model]) else "next"
                 lines.append(f"headline: the model ({model}) is the best predictor on validation ({metric} "
-                             f"{val[model]:.4g}; next {second} {val[second]:.4g})")
+                             f"{val[model]:.4g}; {how} {second} {val[second]:.4g})")
             else:
                 lines.append(f"headline: {best} is better than the model on validation ({metric} {val[best]:.4g} vs "
                              f"{val[model]:.4g}): on this split the model adds nothing over {best}; prefer it")
@@ -173,7 +176,7 @@ def headline(val_table, test_table, model: str, metric: str = "mse_de") -> tuple
         for m, higher in (("pearson_delta", True), ("mse_de", False)):
             mine = float(sub.loc[model, m])
             for p, v in sub[m].astype(float).items():
-                if p != model and not math.isnan(v) and (v > mine if higher else v < mine):
+                if p != model and not math.isnan(v) and not _same(v, mine) and (v > mine if higher else v < mine):
                     beaten.append(f"{p} ({m} {v:.4g} vs {mine:.4g})")
         if beaten:
             losses[cat] = beaten
@@ -185,3 +188,9 @@ def headline(val_table, test_table, model: str, metric: str = "mse_de") -> tuple
         lines.append("on test the model is at least as good as every baseline in every category "
                      "(pearson_delta and mse_de)")
     return "\n".join(lines), record
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal up to float rounding (the model that kept its prior and the go_prior baseline compute the same sum
+    in different orders)."""
+    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
