@@ -184,7 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "truth.json or the ingested h5ad's .truth.json sidecar)")
     s.add_argument("--no-figures", action="store_true")
     s.add_argument("--num-plot-conditions", type=int, default=2, help="top-DE figures per test category")
-    s.add_argument("--export-cell-eval", action="store_true", help="also write cell-eval real/pred AnnData")
+    s.add_argument("--export-cell-eval", action="store_true", help="also write cell-eval real/pred AnnData "
+                   "(OUT/cell_eval/; cell-eval's pearson_delta/mse/mae on them equal ours)")
+    s.add_argument("--export-cell-eval-mode", choices=["cells", "pseudobulk"], default="cells",
+                   help="cells (default): every cell of each condition and of the control, predicted cells = "
+                   "control cells shifted to the predicted mean; pseudobulk: one row per perturbation (mean-based "
+                   "metrics only)")
+    s.add_argument("--export-cell-eval-max-cells", type=int, default=None, metavar="N",
+                   help="at most N cells per condition (a sample, for memory; default: all); the gap it makes to our "
+                   "metrics is written to cell_eval/gears_dist_metrics.csv")
+    s.add_argument("--export-cell-eval-max-control-cells", type=int, default=None, metavar="N",
+                   help="at most N control cells (default: as --export-cell-eval-max-cells, i.e. all unless that is "
+                   "given; a sample adds its noise to the real deltas)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=_cmd_evaluate)
 

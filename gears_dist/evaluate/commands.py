@@ -208,10 +208,18 @@ def _evaluate_into(out: pathlib.Path, final: pathlib.Path, args, store, split, s
     if args.export_cell_eval:
         name = "gears" if "gears" in ev.predictions else next(iter(ev.predictions))
         exp = export.export_cell_eval(store, ev.truth.names, ev.predictions[name], out / "cell_eval",
-                                      categories=ev.categories, predictor=name)
-        pred, real = (final / pathlib.Path(exp[k]).relative_to(out) for k in ("pred", "real"))
-        print(f"\ncell-eval export: {pred} vs {real} (score with: cell-eval run -ap {pred} "
-              f"-ar {real} --control-pert ctrl --pert-col target)")
+                                      categories=ev.categories, predictor=name, mode=args.export_cell_eval_mode,
+                                      max_cells=args.export_cell_eval_max_cells,
+                                      max_control_cells=(args.export_cell_eval_max_control_cells
+                                                         or args.export_cell_eval_max_cells))
+        pred, real, check = (final / pathlib.Path(exp[k]).relative_to(out) for k in ("pred", "real", "metrics"))
+        profile = " --profile anndata --skip-metrics pearson_edistance" if args.export_cell_eval_mode == "pseudobulk" \
+            else ""
+        print(f"\ncell-eval export ({args.export_cell_eval_mode}, predictor {name}): {pred} vs {real} (score with: "
+              f"cell-eval run -ap {pred} -ar {real} --control-pert ctrl --pert-col target{profile}). Meaningful for "
+              f"mean predictions: pearson_delta, mse, mae, mse_delta, mae_delta (not the DE metrics); the values "
+              f"they will take, beside ours, per perturbation: {check}")
+        artifacts.append(exp["metrics"])
     artifacts += figures
     return ev, files, artifacts, figures, gi_metrics
 
