@@ -151,3 +151,15 @@ def test_saved_prior_reloads_and_config_is_validated():
         from_dict(ModelConfig, {"prior": "knn"}).validate()
     with pytest.raises(ValueError, match="prior"):
         SetPrior.from_state_dict({})
+
+
+def test_estimated_flags_follow_what_the_prior_knows():
+    fit, singles, _ = _fit(k=3, tau=0.1)
+    prior = SetPrior(fit)
+    perts = torch.tensor([[0, -1, -1], [3, -1, -1], [0, 1, -1], [0, 3, -1], [3, 6, 7]])
+    # N0, N1 trained (observed); N3, N6, N7 not (GO estimates)
+    assert prior.estimated(perts).tolist() == [[False, False, False], [True, False, False], [False, False, False],
+                                               [False, True, False], [True, True, True]]
+    # while training, a one-gene set gets its leave-one-out estimate: flagged as estimated too
+    assert prior.estimated(perts, cross_fit=True)[0].tolist() == [True, False, False]
+    assert prior.estimated(perts, cross_fit=True)[2].tolist() == [False, False, False]

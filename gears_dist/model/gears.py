@@ -151,6 +151,9 @@ class GEARSModel(nn.Module):
         self.register_buffer("halo_ids", None, persistent=False)
         self.register_buffer("halo_local", None, persistent=False)
         self.prior: SetPrior | None = None
+        # Prior-anchored only: added to a set's summed GO embeddings once per gene whose prior is a GO estimate (not
+        # its observed single), so the residual can tell "correct an estimate" from "add an interaction".
+        self.estimated_emb = nn.Parameter(torch.randn(h) / math.sqrt(h)) if cfg.prior == "go" else None
 
     def attach_prior(self, prior: SetPrior) -> None:
         """Anchor the model at `prior` (cfg.prior 'go'): the network's output layer is set to zero, so the model's
@@ -254,7 +257,8 @@ class GEARSModel(nn.Module):
 
     def _set_shift(self, perts: Tensor, group_weight: Tensor,
                    go_table: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
-        """pert_fuse(sum of the set's GO embeddings) per group, zero for control groups: [U', h]."""
+        """pert_fuse(sum of the set's GO embeddings) per group, zero for control groups: [U', h]. Prior-anchored:
+        plus estimated_emb once per gene whose prior is a GO estimate."""
         table, local = self._go_table() if go_table is None else go_table
         valid = perts >= 0
         index = perts.clamp_min(0)
@@ -263,6 +267,9 @@ class GEARSModel(nn.Module):
             valid = valid & (index >= 0)
             index = index.clamp_min(0)
         summed = (table[index] * valid.unsqueeze(-1).to(table.dtype)).sum(1)
+        if self.estimated_emb is not None and self.prior is not None:
+            num_estimated = self.prior.estimated(perts, cross_fit=self.training).sum(1, keepdim=True)
+            summed = summed + num_estimated.to(summed.dtype) * self.estimated_emb.to(summed.dtype)
         is_pert = valid.any(1)
         # BatchNorm of pert_fuse sees only the perturbed cells (the reference feeds it those alone).
         fuse_weight = group_weight * is_pert.to(group_weight.dtype)

@@ -267,6 +267,15 @@ class SetPrior(nn.Module):
                              f"without model.prior, or with another version")
         return cls(shapes={b: tuple(state[prefix + b].shape) for b in cls.BUFFERS})
 
+    def estimated(self, perts: Tensor, cross_fit: bool = False) -> Tensor:
+        """[U, K] bool: the set's genes whose prior is a GO estimate (single not trained; with cross_fit, also
+        the gene of a one-gene set)."""
+        valid = perts >= 0
+        out = valid & ~self.seen[perts.clamp_min(0)]
+        if cross_fit:
+            out = out | (valid & (valid.sum(1, keepdim=True) == 1))
+        return out
+
     def forward(self, perts: Tensor, cross_fit: bool = False) -> Tensor:
         valid = perts >= 0
         node = perts.clamp_min(0)
