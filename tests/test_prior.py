@@ -163,3 +163,13 @@ def test_estimated_flags_follow_what_the_prior_knows():
     # while training, a one-gene set gets its leave-one-out estimate: flagged as estimated too
     assert prior.estimated(perts, cross_fit=True)[0].tolist() == [True, False, False]
     assert prior.estimated(perts, cross_fit=True)[2].tolist() == [False, False, False]
+
+
+def test_low_rank_factorization_recovers_a_low_rank_matrix():
+    from gears_dist.model.prior import _low_rank
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(60, 3)) @ rng.normal(size=(3, 40))
+    rows, basis = _low_rank(a, 3, rng)
+    assert rows.shape == (60, 3) and basis.shape == (3, 40)
+    np.testing.assert_allclose(rows @ basis, a, atol=1e-8)

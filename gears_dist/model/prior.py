@@ -195,11 +195,23 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
 
     rows, basis = residuals, None
     if residuals.size * 4 > max_exact_mb * 2**20 and min(residuals.shape) > rank:
-        u, s, vt = np.linalg.svd(residuals, full_matrices=False)
-        rows, basis = u[:, :rank] * s[:rank], vt[:rank]
+        rows, basis = _low_rank(residuals, rank, rng)
     return PriorFit(nodes=list(go.nodes), single_genes=genes, mean_delta=mean_delta, rows=rows, basis=basis,
                     eval_index=eval_index, eval_weight=eval_weight, loo_index=loo_index, loo_weight=loo_weight,
                     seen=seen, beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse))
+
+
+def _low_rank(a: np.ndarray, rank: int, rng: np.random.Generator, power_iterations: int = 2
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """a ~ rows [m, rank] @ basis [rank, n] by a randomized range finder (Halko et al. 2011) with power
+    iterations: a few passes over a, where a full SVD of 10k x 8k takes minutes."""
+    sketch = a @ rng.standard_normal((a.shape[1], rank + 10))
+    q, _ = np.linalg.qr(sketch)
+    for _ in range(power_iterations):
+        q, _ = np.linalg.qr(a.T @ q)
+        q, _ = np.linalg.qr(a @ q)
+    u_small, sing, vt = np.linalg.svd(q.T @ a, full_matrices=False)
+    return (q @ u_small[:, :rank]) * sing[:rank], vt[:rank]
 
 
 def fit_from_store(store, train_conditions: Sequence[str], go, max_exact_mb: float = 64.0, rank: int = 256
