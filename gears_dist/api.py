@@ -766,11 +766,7 @@ class Run:
                                 f"received {s!r}")
         model = self.predictor()
         sets = model.check_sets(items)  # ValueError naming every unknown gene
-        if uncertainty:
-            delta, logvar = model.predict_delta(sets, return_logvar=True)
-        else:
-            delta, logvar = model.predict_delta(sets), None
-        mean = model.control_mean[None, :].astype(np.float32) + delta
+        mean, delta, logvar = model.predict_mean(sets, return_logvar=uncertainty)
         names = [set_name(s) for s in sets]
         obs = pd.DataFrame({"perturbation": names, "genes": ["+".join(s) for s in sets],
                             "num_genes": [len(s) for s in sets]}, index=pd.Index(names, name="condition"))

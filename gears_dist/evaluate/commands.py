@@ -243,11 +243,7 @@ def cli_predict(args) -> int:
     t0 = time.perf_counter()
     model = P.TrainedPredictor.load(args.target, store=args.store, device=args.device)
     sets = model.check_sets(sets)  # every problem reported before any work
-    if args.uncertainty:
-        delta, logvar = model.predict_delta(sets, return_logvar=True)
-    else:
-        delta, logvar = model.predict_delta(sets), None
-    mean = model.control_mean[None, :].astype(np.float32) + delta
+    mean, delta, logvar = model.predict_mean(sets, return_logvar=args.uncertainty)
     seconds = time.perf_counter() - t0
     paths = P.write_predictions(sets, mean, delta, model.genes, args.out, logvar=logvar,
                                 meta={"model": str(args.target), "store": str(model.store.path)})

@@ -242,7 +242,11 @@ def summarize(per_condition, categories: Mapping[str, Sequence[str]] | None = No
 
 def evaluate_predictor(predictor: Predictor, truth: ConditionTruth, genes_of: Callable[[str], tuple[str, ...]],
                        block: int = 512) -> tuple[object, np.ndarray]:
-    """Run a predictor on every condition of `truth` in blocks; return (per-condition table, predictions)."""
+    """Run a predictor on every condition of `truth` in blocks; return (per-condition table, predictions).
+
+    Predicted means are clipped at 0, for every predictor alike: log-normalized expression is never negative
+    (a sum of deltas can be), and a cell-eval export, which can only hold values >= 0, then scores the same
+    numbers as this table."""
     import pandas as pd
 
     preds = []
@@ -250,7 +254,7 @@ def evaluate_predictor(predictor: Predictor, truth: ConditionTruth, genes_of: Ca
     for lo in range(0, len(truth.names), block):
         rows = np.arange(lo, min(lo + block, len(truth.names)))
         sub = truth.subset(rows)
-        p = np.asarray(predictor([genes_of(n) for n in sub.names]), dtype=np.float64)
+        p = np.maximum(np.asarray(predictor([genes_of(n) for n in sub.names]), dtype=np.float64), 0.0)
         preds.append(p.astype(np.float32))  # kept for figures/export: half the memory of float64
         tables.append(per_condition_table(p, sub))
     if not tables:

@@ -221,8 +221,19 @@ class TrainedPredictor:
             return delta, (np.concatenate(logvars) if logvars else np.zeros((0, g), np.float32))
         return delta
 
+    def predict_mean(self, sets, return_logvar: bool = False):
+        """(mean [U, G], delta [U, G], logvar or None): the predicted mean expression, clipped at 0 (log-normalized
+        expression is never negative, and a cell-eval file can only hold values >= 0), and the change over the
+        control mean that this mean makes."""
+        if return_logvar:
+            delta, logvar = self.predict_delta(sets, return_logvar=True)
+        else:
+            delta, logvar = self.predict_delta(sets), None
+        mean = np.maximum(self.control_mean[None, :] + delta.astype(np.float64), 0.0)
+        return mean, mean - self.control_mean[None, :], logvar
+
     def __call__(self, sets) -> np.ndarray:
-        return self.control_mean[None, :] + self.predict_delta(sets).astype(np.float64)
+        return self.predict_mean(sets)[0]
 
 
 # -- outputs -------------------------------------------------------------------------------------

@@ -389,7 +389,8 @@ def evaluate(w: Worker, conditions: np.ndarray, prefix: str = "val") -> dict[str
         truth = torch.from_numpy(np.asarray(mean.oindex[rows], np.float64)).to(w.device)
         top = torch.from_numpy(np.asarray(top_de.oindex[rows], np.int64)).to(w.device)
         ctrl = w.ctrl_mean.double()
-        sums += _metric_sums(ctrl + delta, truth, ctrl, top, weight)
+        # Clipped at 0 as every prediction is (TrainedPredictor.predict_mean): expression is never negative.
+        sums += _metric_sums((ctrl + delta).clamp_min(0.0), truth, ctrl, top, weight)
     sums = all_reduce_sum(sums)
     n = max(float(sums[3]), 1.0)
     return {f"{prefix}_mse": float(sums[0]) / n, f"{prefix}_mse_de": float(sums[1]) / n,
