@@ -35,6 +35,20 @@ def tiny_train_store(tmp_path_factory):
     return {"path": root / "tiny.zarr", "split": key}
 
 
+@pytest.fixture(scope="session")
+def tiny_doubles_store(tmp_path_factory):
+    """The 'tiny' synthetic store written directly (20 doubles) and its simulation split (seed 1), not saved in
+    the store. Shared: read-only."""
+    from gears_dist.data import synthetic
+    from gears_dist.data.splits import make_split
+    from gears_dist.data.store import open_store
+
+    path = tmp_path_factory.mktemp("tiny_doubles") / "tiny.zarr"
+    synthetic.write_store(synthetic.preset("tiny", num_doubles=20), path)
+    store = open_store(path)
+    return store, make_split(store.condition_names, "simulation", seed=1)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray for the test module that asks for it (starting Ray costs ~10 s): 127.0.0.1, no dashboard,

@@ -15,16 +15,8 @@ from gears_dist.evaluate.metrics import METRICS
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from gears_dist.data import synthetic
-    from gears_dist.data.splits import make_split
-    from gears_dist.data.store import open_store
-
-    path = tmp_path_factory.mktemp("eval") / "tiny.zarr"
-    synthetic.write_store(synthetic.preset("tiny", num_doubles=20), path)
-    store = open_store(path)
-    split = make_split(store.condition_names, "simulation", seed=1)
-    return store, split
+def tiny(tiny_doubles_store):
+    return tiny_doubles_store
 
 
 def test_evaluate_split_table_and_oracle(tiny):

@@ -37,18 +37,10 @@ def _cell_eval_means(path_pred, path_real, names, pert_col=E.CELL_EVAL_PERT_COL,
 
 
 @pytest.fixture(scope="module")
-def tiny_eval(tmp_path_factory):
+def tiny_eval(tiny_doubles_store):
     """The tiny synthetic screen (120 control cells, 42-99 cells per condition) and two baselines evaluated on it."""
-    from gears_dist.data import synthetic
-    from gears_dist.data.splits import make_split
-    from gears_dist.data.store import open_store
-
-    path = tmp_path_factory.mktemp("export") / "tiny.zarr"
-    synthetic.write_store(synthetic.preset("tiny", num_doubles=20), path)
-    store = open_store(path)
-    split = make_split(store.condition_names, "simulation", seed=1)
-    ev = P.evaluate_split(store, split, baselines=["train_mean", "additive"])
-    return store, ev
+    store, split = tiny_doubles_store
+    return store, P.evaluate_split(store, split, baselines=["train_mean", "additive"])
 
 
 @pytest.mark.parametrize("predictor", ["train_mean", "additive"])
