@@ -173,3 +173,23 @@ def test_low_rank_factorization_recovers_a_low_rank_matrix():
     rows, basis = _low_rank(a, 3, rng)
     assert rows.shape == (60, 3) and basis.shape == (3, 40)
     np.testing.assert_allclose(rows @ basis, a, atol=1e-8)
+
+
+def test_pairs_cross_fitted_as_unseen_get_the_unseen_prior_and_flags():
+    fit, singles, m = _fit(k=3, tau=0.1)
+    prior = SetPrior(fit)
+    perts = torch.tensor([[0, 1], [0, 3], [3, 6]])        # trained pair, seen1 pair, unseen pair
+    assert prior.trained_sets(perts).tolist() == [True, False, False]
+    as_unseen = torch.tensor([True, False, False])
+    got = prior(perts, cross_fit=True, as_unseen=as_unseen)
+    dev = [_go_estimate(fit, i, NODES[i], singles, m) for i in (0, 1)]  # each gene's leave-one-out estimate
+    np.testing.assert_allclose(got[0].numpy(), m + fit.beta_unseen * (dev[0] + dev[1]), atol=1e-5)
+    torch.testing.assert_close(got[1:], prior(perts, cross_fit=True)[1:])
+    assert prior.estimated(perts, True, as_unseen)[0].tolist() == [True, True]
+    assert prior.estimated(perts, True)[0].tolist() == [False, False]
+    # the model draws such sets only while training, at the configured rate
+    model, _ = _model_with_prior()
+    model.cfg.prior_crossfit_pairs = 1.0
+    assert model._draw_unseen_sets(perts).tolist() == [True, False, False]
+    model.eval()
+    assert model._draw_unseen_sets(perts) is None

@@ -28,6 +28,9 @@ class ModelConfig:
     (gears_dist/model/prior.py), cross-fitted while training, with the network's last layer initialized to
     zero so that training starts exactly at the prior. `prior_max_exact_mb`: above this many MB of training
     singles' deltas (T x G float32) the prior keeps a rank-`prior_rank` factorization of them instead.
+    `prior_crossfit_pairs`: in each training step, this fraction of the multi-gene sets whose singles all trained
+    get the prior (and the "estimated" input) of a set none of whose genes trained, so the residual also learns
+    the combo_seen0 case (0: never).
     """
 
     hidden_size: int = 64
@@ -45,6 +48,7 @@ class ModelConfig:
     prior: Literal["none", "go"] = "none"
     prior_max_exact_mb: float = 64.0
     prior_rank: int = 256
+    prior_crossfit_pairs: float = 0.0
 
     def validate(self) -> None:
         require(self.hidden_size >= 1, "hidden_size", f"expected a positive integer, received {self.hidden_size}")
@@ -62,6 +66,8 @@ class ModelConfig:
         require(self.prior_max_exact_mb >= 0.0, "prior_max_exact_mb", f"expected >= 0, received "
                 f"{self.prior_max_exact_mb}")
         require(self.prior_rank >= 1, "prior_rank", f"expected a positive integer, received {self.prior_rank}")
+        require(0.0 <= self.prior_crossfit_pairs <= 1.0, "prior_crossfit_pairs",
+                f"expected a fraction in [0, 1], received {self.prior_crossfit_pairs}")
 
     @property
     def recovery_sizes(self) -> list[int]:

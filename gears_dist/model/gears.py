@@ -168,13 +168,21 @@ class GEARSModel(nn.Module):
             self.gene_w2.zero_()
             self.gene_b2.zero_()
 
-    def _with_prior(self, delta: Tensor, perts: Tensor) -> Tensor:
+    def _with_prior(self, delta: Tensor, perts: Tensor, as_unseen: Tensor | None = None) -> Tensor:
         if self.cfg.prior == "none":
             return delta
         if self.prior is None:
             raise RuntimeError("model.prior is 'go' but no prior is attached: call attach_prior(SetPrior(fit)) "
                                "(training and TrainedPredictor.load do)")
-        return delta + self.prior(perts, cross_fit=self.training)
+        return delta + self.prior(perts, cross_fit=self.training, as_unseen=as_unseen)
+
+    def _draw_unseen_sets(self, perts: Tensor) -> Tensor | None:
+        """Training only: which multi-gene sets of trained genes are cross-fitted this step as if none of their
+        genes were trained (model.prior_crossfit_pairs), so the residual also learns the unseen-pair case."""
+        if not self.training or self.prior is None or self.cfg.prior_crossfit_pairs <= 0:
+            return None
+        return self.prior.trained_sets(perts) & (
+            torch.rand(perts.shape[0], device=perts.device) < self.cfg.prior_crossfit_pairs)
 
     def _init_gene_maps(self) -> None:
         # Xavier-normal with the fan-in/fan-out the reference's parameter shapes imply:
@@ -256,7 +264,7 @@ class GEARSModel(nn.Module):
         return x, local
 
     def _set_shift(self, perts: Tensor, group_weight: Tensor,
-                   go_table: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+                   go_table: tuple[Tensor, Tensor | None] | None = None, as_unseen: Tensor | None = None) -> Tensor:
         """pert_fuse(sum of the set's GO embeddings) per group, zero for control groups: [U', h]. Prior-anchored:
         plus estimated_emb once per gene whose prior is a GO estimate."""
         table, local = self._go_table() if go_table is None else go_table
@@ -268,7 +276,7 @@ class GEARSModel(nn.Module):
             index = index.clamp_min(0)
         summed = (table[index] * valid.unsqueeze(-1).to(table.dtype)).sum(1)
         if self.estimated_emb is not None and self.prior is not None:
-            num_estimated = self.prior.estimated(perts, cross_fit=self.training).sum(1, keepdim=True)
+            num_estimated = self.prior.estimated(perts, self.training, as_unseen).sum(1, keepdim=True)
             summed = summed + num_estimated.to(summed.dtype) * self.estimated_emb.to(summed.dtype)
         is_pert = valid.any(1)
         # BatchNorm of pert_fuse sees only the perturbed cells (the reference feeds it those alone).
@@ -408,10 +416,11 @@ class GEARSModel(nn.Module):
         else:
             variant_weight = torch.zeros(2, device=weight.device).index_add_(0, variant, weight)
         gene_base = self._gene_base(variant_weight, weight.sum())
-        shift = self._set_shift(perts, weight)
+        as_unseen = self._draw_unseen_sets(perts)
+        shift = self._set_shift(perts, weight, as_unseen=as_unseen)
         hidden = self._first_hidden(gene_base, shift, variant, weight)
         delta, logvar = self._decode(hidden, None if one_cell_each else weight)
-        return self._with_prior(delta, perts), logvar
+        return self._with_prior(delta, perts, as_unseen), logvar
 
     # ------------------------------------------------------------------ public API
     def use_fast_path(self, num_sets: int, num_cells: int) -> bool:

@@ -243,7 +243,8 @@ class SetPrior(nn.Module):
 
     Buffers only (no parameters): they are saved with the model, so a loaded model predicts with the prior it
     was trained with. ``forward(perts, cross_fit=True)`` gives sets of one gene their leave-one-out estimate
-    (training); sets of two or more genes always use the observed singles."""
+    (training); sets of two or more genes use the observed singles, except those in ``as_unseen`` (training:
+    pairs cross-fitted as if none of their genes were trained, see ModelConfig.prior_crossfit_pairs)."""
 
     def __init__(self, fit: PriorFit | None = None, *, shapes: dict[str, tuple[int, ...]] | None = None):
         super().__init__()
@@ -279,26 +280,38 @@ class SetPrior(nn.Module):
                              f"without model.prior, or with another version")
         return cls(shapes={b: tuple(state[prefix + b].shape) for b in cls.BUFFERS})
 
-    def estimated(self, perts: Tensor, cross_fit: bool = False) -> Tensor:
+    def _loo_sets(self, perts: Tensor, cross_fit: bool, as_unseen: Tensor | None) -> Tensor | None:
+        """[U] bool: sets whose genes all take their leave-one-out estimate (cross_fit: one-gene sets, and the
+        sets in as_unseen), or None outside cross-fitting."""
+        if not cross_fit:
+            return None
+        loo = (perts >= 0).sum(1) == 1
+        return loo if as_unseen is None else loo | as_unseen
+
+    def trained_sets(self, perts: Tensor) -> Tensor:
+        """[U] bool: sets of two or more genes whose singles were all trained."""
+        valid = perts >= 0
+        return (valid.sum(1) >= 2) & (self.seen[perts.clamp_min(0)] | ~valid).all(1)
+
+    def estimated(self, perts: Tensor, cross_fit: bool = False, as_unseen: Tensor | None = None) -> Tensor:
         """[U, K] bool: the set's genes whose prior is a GO estimate (single not trained; with cross_fit, also
-        the gene of a one-gene set)."""
+        the gene of a one-gene set and every gene of a set in as_unseen)."""
         valid = perts >= 0
         out = valid & ~self.seen[perts.clamp_min(0)]
-        if cross_fit:
-            out = out | (valid & (valid.sum(1, keepdim=True) == 1))
-        return out
+        loo = self._loo_sets(perts, cross_fit, as_unseen)
+        return out if loo is None else out | (valid & loo.unsqueeze(1))
 
-    def forward(self, perts: Tensor, cross_fit: bool = False) -> Tensor:
+    def forward(self, perts: Tensor, cross_fit: bool = False, as_unseen: Tensor | None = None) -> Tensor:
         valid = perts >= 0
         node = perts.clamp_min(0)
         size = valid.sum(1)
         index, weight = self.eval_index[node], self.eval_weight[node]          # [U, K, k + 1]
         seen = self.seen[node] & valid
-        if cross_fit:
-            single = (size == 1).view(-1, 1, 1)
-            index = torch.where(single, self.loo_index[node], index)
-            weight = torch.where(single, self.loo_weight[node], weight)
-            seen = seen & (size > 1).unsqueeze(1)
+        loo = self._loo_sets(perts, cross_fit, as_unseen)
+        if loo is not None:
+            index = torch.where(loo.view(-1, 1, 1), self.loo_index[node], index)
+            weight = torch.where(loo.view(-1, 1, 1), self.loo_weight[node], weight)
+            seen = seen & ~loo.unsqueeze(1)
         use = valid.unsqueeze(-1) & (index >= 0)
         rows = self.rows.float()
         num_sets = perts.shape[0]

@@ -96,16 +96,25 @@ def init_process_group_single(backend: str = "gloo") -> None:
     if _dist():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    chosen = "MASTER_PORT" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    for attempt in range(5):
+        if chosen:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+            return
+        except RuntimeError as exc:
+            # A free port found here can be taken by another process before the rendezvous binds it (several
+            # single-process runs starting at once, e.g. multisplit's tasks): pick another one.
+            if not chosen or attempt == 4 or "address already in use" not in str(exc).lower():
+                raise
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
