@@ -84,6 +84,9 @@ def _train_and_evaluate(cfg_dict: dict, store_path: str, run_dir: str, keys: dic
     from gears_dist.train.loop import run_worker
 
     cfg = run_config_from_dict(cfg_dict)
+    # Ray's workers inherit the driver's environment: a MASTER_PORT set there (an earlier in-process run) would be
+    # the same port for every parallel task. This process is this task's alone (max_calls=1): choose a fresh one.
+    os.environ.pop("MASTER_PORT", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = run_worker(cfg, store_path, run_dir, 0, 1, keys=keys)
