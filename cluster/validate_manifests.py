@@ -5,7 +5,7 @@
 Two layers, both must pass (exit 0; else every problem is printed, exit 1):
 
 1. Schema: each RayJob / RayCluster against the openAPIV3Schema of the KubeRay CRDs in
-   ../shared/schemas/kuberay/ (or --schemas DIR), with the Kubernetes extensions made explicit:
+   cluster/schemas/kuberay/ (vendored; or --schemas DIR), with the Kubernetes extensions made explicit:
    unknown fields are errors (as `kubectl apply --validate=strict`), `nullable`, int32/int64
    ranges, and unique keys of `x-kubernetes-list-type: map|set` lists (duplicate container or
    env names). CEL rules (`x-kubernetes-validations`) are not evaluated; none of the fields they
@@ -36,7 +36,7 @@ import jsonschema
 import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+DEFAULT_SCHEMAS = REPO / "cluster" / "schemas" / "kuberay"
 DEFAULT_MANIFESTS = REPO / "cluster" / "k8s"
 
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
@@ -116,7 +116,7 @@ def load_crd_validators(schema_dir: pathlib.Path = DEFAULT_SCHEMAS) -> dict[tupl
     if not files:
         raise FileNotFoundError(
             f"no KubeRay CRD schemas in {schema_dir}: expected ray.io_rayjobs.yaml and ray.io_rayclusters.yaml "
-            "(the shared/ folder beside the repo, or pass --schemas DIR)"
+            "(vendored in cluster/schemas/kuberay/, or pass --schemas DIR)"
         )
     validators = {}
     for f in files:

@@ -1,4 +1,4 @@
-"""cluster/k8s/: every manifest validates against the KubeRay CRD schemas (../shared/schemas/kuberay/) and
+"""cluster/k8s/: every manifest validates against the KubeRay CRD schemas (vendored in cluster/schemas/kuberay/) and
 the project invariants (cluster/validate_manifests.py); deliberately broken copies are caught."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+SCHEMAS = REPO / "cluster" / "schemas" / "kuberay"
 K8S = REPO / "cluster" / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 
@@ -32,7 +32,7 @@ vm = _load_module()
 @pytest.fixture(scope="module")
 def validators():
     if not (SCHEMAS / "ray.io_rayjobs.yaml").is_file():
-        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS} (expected ../shared beside the repo)")
+        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS} (vendored in cluster/schemas/kuberay/)")
     return vm.load_crd_validators(SCHEMAS)
 
 

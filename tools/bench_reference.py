@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".bench" / "reference"
 RESULTS = BENCH / "results.jsonl"
-SUBSET_SRC = REPO.parent / "shared" / "data" / "norman19_k562_subset.h5ad"
+SUBSET_SRC = REPO / "tests" / "data" / "norman19_k562_subset.h5ad"
 OURS_PY = REPO / ".venv" / "bin" / "python"
 GIB = 2**30
 

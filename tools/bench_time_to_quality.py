@@ -7,7 +7,7 @@
 One invocation per table (BENCHMARKS.md "## Time to the reference's quality"). Per dataset:
 
 1. Input: one GEARS-style log1p h5ad that both implementations read (obs.condition 'ctrl' / 'A+ctrl' / 'A+B',
-   obs.cell_type, var.gene_name): the real Norman subset (../shared) relabelled, or a generated Norman-like
+   obs.cell_type, var.gene_name): the real Norman subset (tests/data) relabelled, or a generated Norman-like
    screen (`gears_dist.data.synthetic`, preset 'norman' shrunk to `SYNTH_SPEC`, library-normalized + log1p).
 2. The reference: its GO files from our GO table (tools/reference/go_files.py), then
    `tools/reference/run_reference.py train DATA_DIR --h5ad H5AD --epochs 15 --seed 1` in the reference venv.
@@ -53,7 +53,7 @@ from gears_dist.config import deep_merge
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NORMAN_SUBSET = REPO.parent / "shared" / "data" / "norman19_k562_subset.h5ad"
+NORMAN_SUBSET = REPO / "tests" / "data" / "norman19_k562_subset.h5ad"
 BASE_CONFIG = REPO / "configs" / "time_to_quality.yaml"
 REF_VENV = REPO / ".bench" / "reference-venv"
 REF_SCRIPT = REPO / "tools" / "reference" / "run_reference.py"

@@ -1,6 +1,6 @@
 """Condition-level train/val/test splits, deterministic by seed, stored in the store.
 
-Kinds (GEARS' semantics; DESIGN.md "Splits and evaluation"):
+Kinds (GEARS' semantics):
 
 - ``simulation``: a fraction ``train_gene_frac`` of the perturbed genes is "seen". Train on the
   singles of seen genes and a fraction ``combo_seen2_train_frac`` of the combinations whose genes

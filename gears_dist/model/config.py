@@ -10,7 +10,7 @@ from gears_dist.config import require
 
 @dataclass
 class ModelConfig:
-    """Architecture of GEARS (see DESIGN.md "The model").
+    """Architecture of GEARS (Roohani et al. 2023; the computation: gears_dist/model/gears.py).
 
     `recovery_hidden_sizes` / `cross_gene_hidden_sizes` are the hidden layers of the shared decoder MLP
     ([h, *recovery_hidden, h]; reference: [2h]) and of the cross-gene MLP ([G, *cross_gene_hidden, h];

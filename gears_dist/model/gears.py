@@ -1,6 +1,6 @@
 """GEARS, vectorized: gene-level work once per step, per-perturbation-set computation, exact fast path.
 
-What it computes is the reference architecture (DESIGN.md "The model"); how it computes it:
+What it computes is the reference architecture (Roohani et al. 2023, cell-gears 0.1.2); how it computes it:
 
 * Gene level (gene embedding, co-expression GNN, gene MLP) runs once per step on G rows; its BatchNorm
   statistics count every row B times, which is what the reference's B-fold repetition gives.

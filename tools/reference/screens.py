@@ -5,7 +5,7 @@ var.gene_name, X = log1p(counts / total * 1e4) as CSR float32 (the reference doe
 expects GEARS' processed data, and our ingest detects log data and uses it as is).
 
     .venv/bin/python tools/reference/screens.py synthetic .bench/reference/norman_91000.h5ad --cells 91000
-    .venv/bin/python tools/reference/screens.py subset ../shared/data/norman19_k562_subset.h5ad OUT.h5ad
+    .venv/bin/python tools/reference/screens.py subset tests/data/norman19_k562_subset.h5ad OUT.h5ad
 """
 
 from __future__ import annotations
