@@ -746,11 +746,7 @@ class Run:
         TypeError
             `perturbations` of the wrong type.
         """
-        import anndata as ad
-        import numpy as np
-        import pandas as pd
-
-        from gears_dist.evaluate.predict import set_name
+        from gears_dist.evaluate.predict import predictions_anndata
 
         if isinstance(perturbations, str):
             perturbations = [perturbations]
@@ -767,17 +763,7 @@ class Run:
         model = self.predictor()
         sets = model.check_sets(items)  # ValueError naming every unknown gene
         mean, delta, logvar = model.predict_mean(sets, return_logvar=uncertainty)
-        names = [set_name(s) for s in sets]
-        obs = pd.DataFrame({"perturbation": names, "genes": ["+".join(s) for s in sets],
-                            "num_genes": [len(s) for s in sets]}, index=pd.Index(names, name="condition"))
-        layers = {"delta": np.asarray(delta, np.float32)}
-        if logvar is not None:
-            layers["logvar"] = np.asarray(logvar, np.float32)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*obs_names.*not unique.*")  # the same set asked twice
-            return ad.AnnData(X=np.asarray(mean, np.float32), obs=obs,
-                              var=pd.DataFrame(index=pd.Index(model.genes, name="gene")), layers=layers,
-                              uns={"gears_dist": self._info(model)})
+        return predictions_anndata(sets, mean, delta, model.genes, logvar, self._info(model))
 
     def predict_pairs(self, genes: Sequence[str], *, uncertainty: bool = False) -> anndata.AnnData:
         """`predict` for every pair of `genes` (n(n-1)/2 sets, ``'A+B'`` with A < B)."""

@@ -103,8 +103,6 @@ def _train_and_evaluate(cfg_dict: dict, store_path: str, run_dir: str, keys: dic
 
 def summarize_splits(per_split) -> object:
     """Mean, sd (ddof 1) and number of splits per (predictor, category) for each metric."""
-    import pandas as pd
-
     metrics = [m for m in per_split.columns if m not in ("predictor", "category", "split_seed", "num_conditions",
                                                           "coverage", "best_epoch")]
     grouped = per_split.groupby(["predictor", "category"], sort=True)
@@ -170,6 +168,7 @@ def run_multisplit(store_path: str | os.PathLike, cfg, out: str | os.PathLike, *
     import ray
 
     from gears_dist.data.splits import load_split
+    from gears_dist.data.store import open_store
     from gears_dist.distributed.launcher import ensure_ray
     from gears_dist.evaluate import baselines as B
     from gears_dist.evaluate.pipeline import evaluate_split
@@ -227,12 +226,10 @@ def run_multisplit(store_path: str | os.PathLike, cfg, out: str | os.PathLike, *
         print(f"  {name} split {seed}: done ({len(jobs) - len(pending) - len(refs)}/{len(jobs)}, "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
 
-    store = None
+    store = open_store(store_path)
+    first = next(iter(variants))  # the split of a seed is the same for every variant
     for seed in seeds:
-        from gears_dist.data.store import open_store
-
-        store = store or open_store(store_path)
-        split = load_split(store, next(k for (n, s), k in keys.items() if s == seed)["split"])
+        split = load_split(store, keys[first, seed]["split"])
         ev = evaluate_split(store, split, {}, baselines=baselines)
         rows += [{**r, "split_seed": seed} for r in ev.table.to_dict("records")]
     per_split = pd.DataFrame(rows)

@@ -238,6 +238,27 @@ class TrainedPredictor:
 
 # -- outputs -------------------------------------------------------------------------------------
 
+def predictions_anndata(sets: Sequence[tuple[str, ...]], mean: np.ndarray, delta: np.ndarray, genes: Sequence[str],
+                        logvar: np.ndarray | None = None, meta: dict | None = None):
+    """AnnData of predictions: X = predicted mean, layers delta (and logvar), obs = set name / genes / size,
+    var = genes, uns['gears_dist'] = meta (made JSON-safe)."""
+    import warnings
+
+    import anndata as ad
+    import pandas as pd
+
+    names = [set_name(s) for s in sets]
+    obs = pd.DataFrame({"perturbation": names, "genes": ["+".join(s) for s in sets],
+                        "num_genes": [len(s) for s in sets]}, index=pd.Index(names, name="condition"))
+    layers = {"delta": np.asarray(delta, np.float32)}
+    if logvar is not None:
+        layers["logvar"] = np.asarray(logvar, np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*obs_names.*not unique.*")  # the same set asked twice
+        return ad.AnnData(X=np.asarray(mean, np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")),
+                          layers=layers, uns={"gears_dist": json.loads(json.dumps(meta or {}, default=str))})
+
+
 def write_predictions(sets: Sequence[tuple[str, ...]], mean: np.ndarray, delta: np.ndarray, genes: Sequence[str],
                       out: str | os.PathLike, logvar: np.ndarray | None = None, meta: dict | None = None
                       ) -> list[pathlib.Path]:
@@ -249,15 +270,7 @@ def write_predictions(sets: Sequence[tuple[str, ...]], mean: np.ndarray, delta: 
     out.parent.mkdir(parents=True, exist_ok=True)
     names = [set_name(s) for s in sets]
     if out.suffix == ".h5ad":
-        import anndata as ad
-
-        obs = pd.DataFrame({"perturbation": names, "genes": ["+".join(s) for s in sets],
-                            "num_genes": [len(s) for s in sets]}, index=pd.Index(names, name="condition"))
-        layers = {"delta": np.asarray(delta, np.float32)}
-        if logvar is not None:
-            layers["logvar"] = np.asarray(logvar, np.float32)
-        adata = ad.AnnData(X=np.asarray(mean, np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")),
-                           layers=layers, uns={"gears_dist": json.loads(json.dumps(meta or {}, default=str))})
+        adata = predictions_anndata(sets, mean, delta, genes, logvar, meta)
         tmp = out.with_name(f".{out.name}.tmp")
         adata.write_h5ad(tmp)
         os.replace(tmp, out)
