@@ -46,7 +46,12 @@ def test_multisplit_two_splits_on_ray(ray_local, tiny_train_store, tmp_path, cap
     result = run_multisplit(store, cfg, tmp_path / "ms", seeds=[1, 2], variants=["reference", "prior"],
                             baselines=["train_mean", "additive", "go_prior"], max_parallel=2)
     summary = result["summary"]
-    assert set(summary["predictor"]) == {"reference", "prior", "train_mean", "additive", "go_prior"}
+    is_gi = summary["category"].str.startswith("gi_")
+    assert set(summary[~is_gi]["predictor"]) == {"reference", "prior", "train_mean", "additive", "go_prior"}
+    # The generated screen has planted interactions: each split's test pairs are scored for GI precision@10.
+    gi = summary[is_gi]
+    assert set(gi["predictor"]) == {"reference", "prior", "additive", "base_rate"}
+    assert gi["gi_precision_at_10_mean"].between(0, 1).all() and result["files"]["gi"].is_file()
     overall = summary[summary["category"] == "all"]
     assert len(overall) == 5 and (overall["num_splits"] == 2).all()
     per_split = result["per_split"]

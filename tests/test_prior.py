@@ -101,20 +101,22 @@ def test_hyperparameters_are_fitted_leave_one_out_and_low_rank_is_close():
     assert np.abs(exact - approx).max() < np.abs(exact).max()  # a rank-2 view of 5 deltas: close, not equal
 
 
-def _model_with_prior(seed=0) -> tuple[GEARSModel, SetPrior]:
+def _model_with_prior(seed=0, gain=False) -> tuple[GEARSModel, SetPrior]:
     torch.manual_seed(seed)
     g = _graph()
     ei, ew = g.to_torch()
     co = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]])
-    model = GEARSModel(ModelConfig(hidden_size=8, prior="go"), NUM_GENES, len(NODES), ei, ew, co, None)
+    model = GEARSModel(ModelConfig(hidden_size=8, prior="go", prior_gain=gain), NUM_GENES, len(NODES), ei, ew, co,
+                       None)
     fit = _fit(k=3, tau=0.1)[0]
     prior = SetPrior(fit)
     model.attach_prior(prior)
     return model, prior
 
 
-def test_prior_anchored_model_starts_exactly_at_the_prior():
-    model, prior = _model_with_prior()
+@pytest.mark.parametrize("gain", [False, True])
+def test_prior_anchored_model_starts_exactly_at_the_prior(gain):
+    model, prior = _model_with_prior(gain=gain)
     perts = torch.tensor([[-1, -1], [0, -1], [3, -1], [0, 1], [3, 6]])
     inverse = torch.tensor([0, 1, 2, 3, 4, 4, 1])
     x = torch.rand(inverse.numel(), NUM_GENES)
@@ -193,3 +195,46 @@ def test_pairs_cross_fitted_as_unseen_get_the_unseen_prior_and_flags():
     assert model._draw_unseen_sets(perts).tolist() == [True, False, False]
     model.eval()
     assert model._draw_unseen_sets(perts) is None
+
+
+def test_gene_seen_only_in_combinations_gets_the_additive_remainder_and_no_leak():
+    # N3 has no training single; it is in the training doubles N0+N3 and N3+N6 (N6 untrained too).
+    rng = np.random.default_rng(3)
+    singles = {n: rng.normal(size=NUM_GENES) for n in ("N0", "N1", "N2", "N4", "N5")}
+    doubles = [("N0", "N3"), ("N3", "N6")]
+    double_deltas = rng.normal(size=(2, NUM_GENES))
+    m = np.concatenate([np.stack(list(singles.values())), double_deltas]).mean(0)
+    fit = fit_go_prior(_graph(), list(singles), np.stack(list(singles.values())), m, doubles, double_deltas,
+                       k=3, tau=0.1)
+    assert fit.derived.tolist() == [n in ("N3", "N6") for n in NODES]
+    est = {n: m + _go_estimate(fit, NODES.index(n), None, singles, m) for n in ("N3", "N6")}
+    # N3: the mean of what each of its doubles leaves after its partner (observed single, else GO estimate).
+    want_n3 = ((double_deltas[0] - singles["N0"]) + (double_deltas[1] - est["N6"])) / 2
+    got = fit.predict_delta([[3], [0, 3], [3, 7]])
+    np.testing.assert_allclose(got[0], want_n3, atol=1e-5)
+    np.testing.assert_allclose(got[1], singles["N0"] + want_n3, atol=1e-5)   # a seen pair: additive
+    # Training (cross-fitted): a derived gene takes its GO estimate, so N0+N3's prior ignores its own cells.
+    prior = SetPrior(fit)
+    train_pair = torch.tensor([[0, 3]])
+    np.testing.assert_allclose(prior(train_pair, cross_fit=True)[0].numpy(), singles["N0"] + est["N3"], atol=1e-5)
+    assert prior.estimated(train_pair, cross_fit=True).tolist() == [[False, True]]
+    assert prior.estimated(train_pair).tolist() == [[False, False]]
+    fit2 = fit_go_prior(_graph(), list(singles), np.stack(list(singles.values())), m, doubles,
+                        double_deltas + np.array([[5.0], [0.0]]), k=3, tau=0.1)
+    torch.testing.assert_close(SetPrior(fit2)(train_pair, cross_fit=True), prior(train_pair, cross_fit=True))
+
+
+def test_prior_members_sum_to_the_prior_and_gains_scale_each_member():
+    model, prior = _model_with_prior(gain=True)
+    perts = torch.tensor([[-1, -1, -1], [0, -1, -1], [3, -1, -1], [0, 1, -1], [3, 6, -1], [0, 3, 6], [3, 6, 7]])
+    for cross_fit in (False, True):
+        parts = prior.members(perts, cross_fit=cross_fit)
+        torch.testing.assert_close(parts.sum(1), prior(perts, cross_fit=cross_fit))
+        assert (parts[perts < 0] == 0).all()
+    # A gain of g on every gene's part (bias only) scales the whole prior by 1 + g; padding gets none.
+    with torch.no_grad():
+        model.gain_mlp[-1].bias.fill_(0.5)
+    model.eval()
+    torch.testing.assert_close(model.predict_delta(perts), 1.5 * prior(perts))
+    with pytest.raises(ConfigError, match="prior_gain"):
+        from_dict(ModelConfig, {"prior_gain": True}).validate()

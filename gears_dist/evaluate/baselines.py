@@ -27,7 +27,8 @@ is meant to use (the rest get its fallback, reported as coverage).
   A set with no embedding at all is predicted as b; ``covers`` is true when every gene of the set
   has a non-zero embedding.
 - ``go_prior``: the GO-neighbour prior that prior-anchored GEARS starts from (``gears_dist.model.prior``):
-  observed singles summed for trained genes, a shrunk GO-similarity-weighted mean of the neighbours'
+  observed singles summed for trained genes, a gene seen only in training combinations gets the delta the
+  additive model attributes to it there, a shrunk GO-similarity-weighted mean of the neighbours'
   training deltas for the others (k and shrinkage fitted leave-one-out on the training singles). It needs
   the GO graph (``go=``); ``covers`` is true when every gene of the set is a node of it.
 """
@@ -221,7 +222,7 @@ class GOPrior(Baseline):
             raise ValueError("go_prior baseline: needs the GO graph (go=GeneGraph); evaluate_split loads the store's")
         deltas = train.means - train.control_mean[None, :]
         singles = [i for i, p in enumerate(train.perts) if len(p) == 1]
-        doubles = [i for i, p in enumerate(train.perts) if len(p) == 2]
+        doubles = [i for i, p in enumerate(train.perts) if len(p) >= 2]
         self.fit = fit_go_prior(go, [train.perts[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
                                 [train.perts[i] for i in doubles], deltas[doubles])
         self.node_index = {g: i for i, g in enumerate(go.nodes)}

@@ -9,6 +9,9 @@ Outputs in OUT: ``per_split.csv`` (one row per split x predictor x category), ``
 ``summary.json`` (mean, sd and number of splits), ``summary.png`` (pearson_delta and mse_de with error bars),
 one run directory per (variant, seed) under ``runs/``, and MLflow: a parent run with the summary metrics and
 one child run per (variant, seed) (tag ``mlflow.parentRunId``), in ``tracking.uri`` or ``OUT/mlflow.db``.
+When the store has planted genetic interactions (a generated screen's truth), each split's test pairs are also
+scored for GI precision@10 per type, for every model, the additive baseline (every pair ties: chance) and the
+base rate: rows ``gi_<type>`` with column ``gi_precision_at_10`` in per_split.csv / summary.csv, ``gi.csv``.
 
 Variants are named overrides of the config: ``reference`` (model.prior none, the reference architecture),
 ``prior`` (model.prior go, prior-anchored GEARS), or ``NAME:a.b=VALUE,c.d=VALUE``.
@@ -29,6 +32,24 @@ from gears_dist.config import deep_merge, to_dict
 
 VARIANTS: dict[str, dict] = {"reference": {"model": {"prior": "none"}}, "prior": {"model": {"prior": "go"}}}
 SUMMARY_METRICS = ("pearson_delta", "mse_de", "mse", "pearson_delta_de")
+GI_K = 10
+GI_TYPES = ("synergy", "suppression", "epistasis", "neomorphism")
+
+
+def _gi_rows(store, split, predictors: Mapping) -> list[dict]:
+    """GI precision@GI_K per type on the split's test pairs (rows: predictor, category gi_<type>), or [] when the
+    store has no planted truth. With no predictor: the additive baseline and the base rate."""
+    from gears_dist.evaluate.pipeline import gi_evaluation, load_gi_truth
+
+    truth = load_gi_truth(store)
+    pairs = [n for n in split.test if n.count("+") == 1 and n in truth]
+    if not truth or not pairs:
+        return []
+    _, precision = gi_evaluation(store, pairs, predictors, truth=truth, k=GI_K)
+    keep = list(predictors) or ["additive", "base_rate"]
+    return [{"predictor": src, "category": f"gi_{t}", "num_conditions": int(precision.loc[src, "num_pairs"]),
+             f"gi_precision_at_{GI_K}": float(precision.loc[src, t])}
+            for src in keep if src in precision.index for t in GI_TYPES if t in precision.columns]
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -96,9 +117,12 @@ def _train_and_evaluate(cfg_dict: dict, store_path: str, run_dir: str, keys: dic
         mlflow.MlflowClient(tracking_uri=cfg.tracking.uri).set_tag(summary["mlflow_run_id"], "mlflow.parentRunId",
                                                                    parent_run_id)
     model = TrainedPredictor.load(run_dir)
-    ev = evaluate_split(model.store, load_split(model.store, keys["split"]), {"model": model}, baselines=())
+    split = load_split(model.store, keys["split"])
+    ev = evaluate_split(model.store, split, {"model": model}, baselines=())
     best = summary.get("best") or {}
-    return [{**row, "best_epoch": best.get("epoch")} for row in ev.table.to_dict("records")]
+    rows = [{**row, "best_epoch": best.get("epoch")} for row in ev.table.to_dict("records")]
+    return rows + [{k: v for k, v in r.items() if k != "predictor"} for r in _gi_rows(model.store, split,
+                                                                                      {"model": model})]
 
 
 def summarize_splits(per_split) -> object:
@@ -232,6 +256,7 @@ def run_multisplit(store_path: str | os.PathLike, cfg, out: str | os.PathLike, *
         split = load_split(store, keys[first, seed]["split"])
         ev = evaluate_split(store, split, {}, baselines=baselines)
         rows += [{**r, "split_seed": seed} for r in ev.table.to_dict("records")]
+        rows += [{**r, "split_seed": seed} for r in _gi_rows(store, split, {})]
     per_split = pd.DataFrame(rows)
     summary = summarize_splits(per_split)
     files = {"per_split": out / "per_split.csv", "summary": out / "summary.csv", "json": out / "summary.json"}
@@ -239,11 +264,15 @@ def run_multisplit(store_path: str | os.PathLike, cfg, out: str | os.PathLike, *
     summary.to_csv(files["summary"], index=False)
     files["json"].write_text(json.dumps({"split_kind": split_kind, "seeds": seeds, "variants": variants,
                                          "summary": summary.to_dict("records")}, indent=1, default=str))
-    files["figure"] = plot_summary(summary, out / "summary.png")
+    is_gi = summary["category"].str.startswith("gi_")
+    if is_gi.any():
+        files["gi"] = out / "gi.csv"
+        summary[is_gi].dropna(axis=1, how="all").to_csv(files["gi"], index=False)
+    files["figure"] = plot_summary(summary[~is_gi], out / "summary.png")
     if tracker.active:
         metrics = {}
         for r in summary.to_dict("records"):
-            for m in SUMMARY_METRICS:
+            for m in (*SUMMARY_METRICS, f"gi_precision_at_{GI_K}"):
                 if f"{m}_mean" in r:
                     metrics[f"{r['predictor']}/{r['category']}/{m}_mean"] = r[f"{m}_mean"]
                     metrics[f"{r['predictor']}/{r['category']}/{m}_sd"] = r[f"{m}_sd"]
@@ -251,7 +280,9 @@ def run_multisplit(store_path: str | os.PathLike, cfg, out: str | os.PathLike, *
         for p in files.values():
             tracker.log_artifact(p)
         tracker.finish()
-    print(format_summary(summary))
+    print(format_summary(summary[~is_gi]))
+    if is_gi.any():
+        print(format_summary(summary[is_gi], metrics=(f"gi_precision_at_{GI_K}",)))
     print(f"\ngears-dist multisplit: {len(jobs)} runs in {time.perf_counter() - t0:.0f} s; results {files['summary']}, "
           f"{files['figure']}" + (f"; MLflow parent run {tracker.run_id} at {uri}" if tracker.active else ""))
     return {"per_split": per_split, "summary": summary, "files": files,

@@ -31,6 +31,9 @@ class ModelConfig:
     `prior_crossfit_pairs`: in each training step, this fraction of the multi-gene sets whose singles all trained
     get the prior (and the "estimated" input) of a set none of whose genes trained, so the residual also learns
     the combo_seen0 case (0: never).
+    `prior_gain` (prior 'go' only): the network also learns a gain per gene of a set on that gene's part of the
+    prior (delta_S = sum_g (1 + gain_g(S)) prior_g + residual), from the genes' GO embeddings and how their
+    prior deltas relate: synergy, suppression and dominance of a pair are such gains. Starts at zero.
     """
 
     hidden_size: int = 64
@@ -49,6 +52,7 @@ class ModelConfig:
     prior_max_exact_mb: float = 64.0
     prior_rank: int = 256
     prior_crossfit_pairs: float = 0.0
+    prior_gain: bool = False
 
     def validate(self) -> None:
         require(self.hidden_size >= 1, "hidden_size", f"expected a positive integer, received {self.hidden_size}")
@@ -66,6 +70,8 @@ class ModelConfig:
         require(self.prior_max_exact_mb >= 0.0, "prior_max_exact_mb", f"expected >= 0, received "
                 f"{self.prior_max_exact_mb}")
         require(self.prior_rank >= 1, "prior_rank", f"expected a positive integer, received {self.prior_rank}")
+        require(not self.prior_gain or self.prior == "go", "prior_gain",
+                "a gain on the prior needs a prior: set model.prior: go (or prior_gain: false)")
         require(0.0 <= self.prior_crossfit_pairs <= 1.0, "prior_crossfit_pairs",
                 f"expected a fraction in [0, 1], received {self.prior_crossfit_pairs}")
 

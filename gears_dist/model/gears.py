@@ -154,6 +154,12 @@ class GEARSModel(nn.Module):
         # Prior-anchored only: added to a set's summed GO embeddings once per gene whose prior is a GO estimate (not
         # its observed single), so the residual can tell "correct an estimate" from "add an interaction".
         self.estimated_emb = nn.Parameter(torch.randn(h) / math.sqrt(h)) if cfg.prior == "go" else None
+        # Prior-anchored with prior_gain: a gain per gene of the set on its part of the prior, from the gene's and
+        # the other genes' GO embeddings and how their prior deltas relate (Norman et al.'s model of a pair,
+        # delta_AB = c_a delta_A + c_b delta_B: synergy, suppression and dominance are gains). Starts at zero.
+        self.gain_mlp = (nn.Sequential(nn.Linear(3 * h + 3, h), nn.ReLU(), nn.Linear(h, 1))
+                         if cfg.prior == "go" and cfg.prior_gain else None)
+        self._zero_gain()
 
     def attach_prior(self, prior: SetPrior) -> None:
         """Anchor the model at `prior` (cfg.prior 'go'): the network's output layer is set to zero, so the model's
@@ -167,14 +173,42 @@ class GEARSModel(nn.Module):
         with torch.no_grad():
             self.gene_w2.zero_()
             self.gene_b2.zero_()
+        self._zero_gain()
 
-    def _with_prior(self, delta: Tensor, perts: Tensor, as_unseen: Tensor | None = None) -> Tensor:
+    def _zero_gain(self) -> None:
+        if self.gain_mlp is not None:
+            with torch.no_grad():
+                self.gain_mlp[-1].weight.zero_()
+                self.gain_mlp[-1].bias.zero_()
+
+    def _with_prior(self, delta: Tensor, perts: Tensor, as_unseen: Tensor | None = None,
+                    go_table: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         if self.cfg.prior == "none":
             return delta
         if self.prior is None:
             raise RuntimeError("model.prior is 'go' but no prior is attached: call attach_prior(SetPrior(fit)) "
                                "(training and TrainedPredictor.load do)")
-        return delta + self.prior(perts, cross_fit=self.training, as_unseen=as_unseen)
+        if self.gain_mlp is None:
+            return delta + self.prior(perts, cross_fit=self.training, as_unseen=as_unseen)
+        parts = self.prior.members(perts, cross_fit=self.training, as_unseen=as_unseen)   # [U, K, G]
+        gains = self._prior_gains(perts, parts, as_unseen, go_table)
+        return delta + ((1.0 + gains).unsqueeze(-1) * parts).sum(1)
+
+    def _prior_gains(self, perts: Tensor, parts: Tensor, as_unseen: Tensor | None,
+                     go_table: tuple[Tensor, Tensor | None] | None) -> Tensor:
+        """[U, K] gain of each gene's part of the prior (0 for padding)."""
+        emb, valid = self._member_embeddings(perts, go_table)
+        emb = emb.float()
+        others = emb.sum(1, keepdim=True) - emb
+        rest = parts.sum(1, keepdim=True) - parts
+        own_norm, rest_norm = parts.norm(dim=-1), rest.norm(dim=-1)
+        cos = (parts * rest).sum(-1) / (own_norm * rest_norm).clamp_min(1e-12)
+        ratio = torch.log((own_norm + 1e-6) / (rest_norm + 1e-6))
+        ratio = torch.where(rest_norm > 0, ratio, torch.zeros_like(ratio))
+        estimated = self.prior.estimated(perts, self.training, as_unseen).float()
+        feats = torch.cat([emb, others, emb * others, cos.unsqueeze(-1), ratio.unsqueeze(-1),
+                           estimated.unsqueeze(-1)], dim=-1)
+        return self.gain_mlp(feats).squeeze(-1) * valid.to(emb.dtype)
 
     def _draw_unseen_sets(self, perts: Tensor) -> Tensor | None:
         """Training only: which multi-gene sets of trained genes are cross-fitted this step as if none of their
@@ -263,10 +297,10 @@ class GEARSModel(nn.Module):
                 x = torch.relu(x)
         return x, local
 
-    def _set_shift(self, perts: Tensor, group_weight: Tensor,
-                   go_table: tuple[Tensor, Tensor | None] | None = None, as_unseen: Tensor | None = None) -> Tensor:
-        """pert_fuse(sum of the set's GO embeddings) per group, zero for control groups: [U', h]. Prior-anchored:
-        plus estimated_emb once per gene whose prior is a GO estimate."""
+    def _member_embeddings(self, perts: Tensor, go_table: tuple[Tensor, Tensor | None] | None = None
+                           ) -> tuple[Tensor, Tensor]:
+        """GO embeddings of each set's genes [U, K, h] (zero for padding and genes outside the halo), and the
+        mask of those present [U, K]."""
         table, local = self._go_table() if go_table is None else go_table
         valid = perts >= 0
         index = perts.clamp_min(0)
@@ -274,7 +308,14 @@ class GEARSModel(nn.Module):
             index = local[index]
             valid = valid & (index >= 0)
             index = index.clamp_min(0)
-        summed = (table[index] * valid.unsqueeze(-1).to(table.dtype)).sum(1)
+        return table[index] * valid.unsqueeze(-1).to(table.dtype), valid
+
+    def _set_shift(self, perts: Tensor, group_weight: Tensor,
+                   go_table: tuple[Tensor, Tensor | None] | None = None, as_unseen: Tensor | None = None) -> Tensor:
+        """pert_fuse(sum of the set's GO embeddings) per group, zero for control groups: [U', h]. Prior-anchored:
+        plus estimated_emb once per gene whose prior is a GO estimate."""
+        emb, valid = self._member_embeddings(perts, go_table)
+        summed = emb.sum(1)
         if self.estimated_emb is not None and self.prior is not None:
             num_estimated = self.prior.estimated(perts, self.training, as_unseen).sum(1, keepdim=True)
             summed = summed + num_estimated.to(summed.dtype) * self.estimated_emb.to(summed.dtype)
@@ -417,10 +458,11 @@ class GEARSModel(nn.Module):
             variant_weight = torch.zeros(2, device=weight.device).index_add_(0, variant, weight)
         gene_base = self._gene_base(variant_weight, weight.sum())
         as_unseen = self._draw_unseen_sets(perts)
-        shift = self._set_shift(perts, weight, as_unseen=as_unseen)
+        go_table = self._go_table()
+        shift = self._set_shift(perts, weight, go_table, as_unseen=as_unseen)
         hidden = self._first_hidden(gene_base, shift, variant, weight)
         delta, logvar = self._decode(hidden, None if one_cell_each else weight)
-        return self._with_prior(delta, perts, as_unseen), logvar
+        return self._with_prior(delta, perts, as_unseen, go_table), logvar
 
     # ------------------------------------------------------------------ public API
     def use_fast_path(self, num_sets: int, num_cells: int) -> bool:
@@ -470,7 +512,7 @@ class GEARSModel(nn.Module):
             shift = self._set_shift(part, weight, go_table)
             hidden = self._first_hidden(gene_base, shift, None, weight)
             delta, logvar = self._decode(hidden, None) if maps is None else self._decode_folded(hidden, maps)
-            deltas.append(self._with_prior(delta, part))
+            deltas.append(self._with_prior(delta, part, go_table=go_table))
             logvars.append(logvar)
         delta = torch.cat(deltas) if deltas else torch.zeros(0, self.num_genes, device=device)
         if not return_logvar:

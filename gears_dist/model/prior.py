@@ -7,6 +7,9 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
 ``train_mean`` baseline):
 
 - p's single is in training: dev(p) = d_p - m, its observed delta;
+- p's single is not, but p is in training sets of two or more genes ("derived"): d_p is the mean over those
+  sets S of d_S - sum over S's other genes h of their delta (observed single, else GO estimate), i.e. what
+  the additive model says p contributed; many screens perturb genes only in combinations;
 - otherwise: dev(p) = lambda_p (a_p - m), a_p the GO-similarity-weighted mean of the observed deltas of p's
   top-k GO neighbours among the training singles, shrunk by lambda_p = W_p / (W_p + tau) (W_p: their total
   Jaccard weight; no neighbour: dev 0). k and tau are fitted by leave-one-out over the training singles.
@@ -20,8 +23,9 @@ cross-fitted (each double's two singles held out of its own GO estimates); 0 wit
 Cross-fitting during training (``SetPrior(..., cross_fit=True)``): a training single's prior is its own
 leave-one-out GO estimate, which is what an unseen gene gets at test time, so the residual learns to correct
 the GO estimate; a training double's prior is the sum of its singles' observed deltas, which is what a seen
-pair gets at test time, so the residual learns the interaction. No training condition's prior uses its own
-cells.
+pair gets at test time, so the residual learns the interaction. A derived gene takes its GO estimate in every
+training set (its derived delta came from training sets, possibly this one). No training condition's prior
+uses its own cells.
 
 Memory: the deltas are kept as rows R = D - m of the training singles [T, G], or, when T x G exceeds
 ``max_exact_mb``, as a rank-r factorization R ~ rows [T, r] @ basis [r, G] (r = ``rank``); per gene only
@@ -56,7 +60,8 @@ class PriorFit:
     eval_weight: np.ndarray     # [P, k + 1]
     loo_index: np.ndarray       # [P, k + 1]: a trained single's leave-one-out GO estimate (others: as eval)
     loo_weight: np.ndarray
-    seen: np.ndarray            # [P] bool: the node's single is in training
+    seen: np.ndarray            # [P] bool: the node's single is in training, or its delta is derived
+    derived: np.ndarray         # [P] bool: seen through training sets of >= 2 genes only (see module doc)
     beta_unseen: float          # weight of the deviations for sets of >= 2 genes, none trained
     k: int
     tau: float
@@ -64,7 +69,8 @@ class PriorFit:
 
     def summary(self) -> str:
         lowrank = "exact" if self.basis is None else f"rank {self.basis.shape[0]}"
-        return (f"GO prior: {len(self.single_genes)} training singles ({lowrank}), k {self.k}, tau {self.tau:g}, "
+        return (f"GO prior: {len(self.single_genes)} training singles, {int(self.derived.sum())} genes derived from "
+                f"training combinations ({lowrank}), k {self.k}, tau {self.tau:g}, "
                 f"beta for unseen sets {self.beta_unseen:.3f}, leave-one-out mse {self.loo_mse:.4g}")
 
     def residual_rows(self) -> np.ndarray:
@@ -114,14 +120,14 @@ def _apply(coef: tuple[np.ndarray, np.ndarray], residuals: np.ndarray) -> np.nda
 
 
 def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mean_delta: np.ndarray,
-                 doubles: Sequence[tuple[str, str]] = (), double_deltas: np.ndarray | None = None,
+                 doubles: Sequence[tuple[str, ...]] = (), double_deltas: np.ndarray | None = None,
                  max_exact_mb: float = 64.0, rank: int = 256, seed: int = 0, k: int | None = None,
                  tau: float | None = None) -> PriorFit:
     """Fit the prior from the training singles' and doubles' deltas (condition mean - control mean).
 
     go: the GO graph (GeneGraph: nodes, edge_index, edge_weight). single_genes [T] / single_deltas [T, G]: the
-    training singles; mean_delta [G]: the train-mean delta; doubles / double_deltas: the training doubles (for
-    beta). The training conditions only: nothing here may see validation or test conditions. k / tau: fixed
+    training singles; mean_delta [G]: the train-mean delta; doubles / double_deltas: the training sets of two or
+    more genes (beta from the pairs; derived genes from all). The training conditions only: nothing here may see validation or test conditions. k / tau: fixed
     values instead of the leave-one-out fit (both or neither)."""
     single_deltas = np.asarray(single_deltas, dtype=np.float64)
     mean_delta = np.asarray(mean_delta, dtype=np.float64)
@@ -193,12 +199,54 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
             xx += float(x @ x)
         beta = float(np.clip(xy / xx, 0.0, 1.0)) if xx > 0 else 0.0
 
+    # Derived genes: GO nodes without a training single that are in training sets of >= 2 genes.
+    derived = np.zeros(num_nodes, dtype=bool)
+    derived_rows: list[np.ndarray] = []
+    if len(doubles) and double_deltas is not None:
+        double_deltas = np.asarray(double_deltas, dtype=np.float64)
+        est_cache: dict[int, np.ndarray] = {}
+
+        def delta_of(name: str) -> np.ndarray:
+            # Observed single, else the GO estimate (a node's eval coefficients, deviation from m).
+            if name in single_index:
+                return single_deltas[keep[single_index[name]]]
+            p = node_index.get(name)
+            if p is None:
+                return mean_delta
+            if p not in est_cache:
+                est_cache[p] = mean_delta + _apply((eval_index[p][eval_index[p] >= 0],
+                                                    eval_weight[p][eval_index[p] >= 0]), residuals)
+            return est_cache[p]
+
+        sums: dict[str, list] = {}
+        for i, genes_i in enumerate(doubles):
+            if len(genes_i) < 2:
+                continue
+            for g in genes_i:
+                if g in single_index or g not in node_index:
+                    continue
+                rest = sum(delta_of(h) for h in genes_i if h != g)
+                acc = sums.setdefault(g, [np.zeros(num_genes), 0])
+                acc[0] += double_deltas[i] - rest
+                acc[1] += 1
+        for g in sorted(sums):
+            p = node_index[g]
+            total, count = sums[g]
+            row = len(genes) + len(derived_rows)
+            derived_rows.append(total / count - mean_delta)
+            derived[p] = seen[p] = True
+            # Eval: the derived row; loo (training) keeps the GO estimate it had.
+            eval_index[p], eval_weight[p] = -1, 0.0
+            eval_index[p, 0], eval_weight[p, 0] = row, 1.0
+        if derived_rows:
+            residuals = np.concatenate([residuals, np.stack(derived_rows)], axis=0)
+
     rows, basis = residuals, None
     if residuals.size * 4 > max_exact_mb * 2**20 and min(residuals.shape) > rank:
         rows, basis = _low_rank(residuals, rank, rng)
     return PriorFit(nodes=list(go.nodes), single_genes=genes, mean_delta=mean_delta, rows=rows, basis=basis,
                     eval_index=eval_index, eval_weight=eval_weight, loo_index=loo_index, loo_weight=loo_weight,
-                    seen=seen, beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse))
+                    seen=seen, derived=derived, beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse))
 
 
 def _low_rank(a: np.ndarray, rank: int, rng: np.random.Generator, power_iterations: int = 2
@@ -233,9 +281,9 @@ def fit_from_store(store, train_conditions: Sequence[str], go, max_exact_mb: flo
     deltas = means - control[None, :]
     genes = [tuple(table[store.condition_names[r]]) for r in rows]
     singles = [i for i, g in enumerate(genes) if len(g) == 1]
-    doubles = [i for i, g in enumerate(genes) if len(g) == 2]
+    combos = [i for i, g in enumerate(genes) if len(g) >= 2]
     return fit_go_prior(go, [genes[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
-                        [genes[i] for i in doubles], deltas[doubles], max_exact_mb=max_exact_mb, rank=rank)
+                        [genes[i] for i in combos], deltas[combos], max_exact_mb=max_exact_mb, rank=rank)
 
 
 class SetPrior(nn.Module):
@@ -258,10 +306,11 @@ class SetPrior(nn.Module):
                     fit.eval_weight, dtype=torch.float32),
                 "loo_index": torch.as_tensor(fit.loo_index), "loo_weight": torch.as_tensor(
                     fit.loo_weight, dtype=torch.float32),
-                "seen": torch.as_tensor(fit.seen), "beta_unseen": torch.tensor(float(fit.beta_unseen)),
+                "seen": torch.as_tensor(fit.seen), "derived": torch.as_tensor(fit.derived),
+                "beta_unseen": torch.tensor(float(fit.beta_unseen)),
             }
         elif shapes is not None:
-            dtypes = {"eval_index": torch.long, "loo_index": torch.long, "seen": torch.bool}
+            dtypes = {"eval_index": torch.long, "loo_index": torch.long, "seen": torch.bool, "derived": torch.bool}
             tensors = {k: torch.zeros(s, dtype=dtypes.get(k, torch.float32)) for k, s in shapes.items()}
         else:
             raise ValueError("SetPrior: pass a PriorFit, or the buffer shapes of a saved one (from_state_dict)")
@@ -269,7 +318,7 @@ class SetPrior(nn.Module):
             self.register_buffer(name, t)
 
     BUFFERS = ("mean_delta", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight", "seen",
-               "beta_unseen")
+               "derived", "beta_unseen")
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "prior.") -> SetPrior:
@@ -280,13 +329,16 @@ class SetPrior(nn.Module):
                              f"without model.prior, or with another version")
         return cls(shapes={b: tuple(state[prefix + b].shape) for b in cls.BUFFERS})
 
-    def _loo_sets(self, perts: Tensor, cross_fit: bool, as_unseen: Tensor | None) -> Tensor | None:
-        """[U] bool: sets whose genes all take their leave-one-out estimate (cross_fit: one-gene sets, and the
-        sets in as_unseen), or None outside cross-fitting."""
+    def _loo_genes(self, perts: Tensor, cross_fit: bool, as_unseen: Tensor | None) -> Tensor | None:
+        """[U, K] bool: the genes that take their leave-one-out estimate (cross_fit: the gene of a one-gene set,
+        every gene of a set in as_unseen, and derived genes everywhere), or None outside cross-fitting."""
         if not cross_fit:
             return None
-        loo = (perts >= 0).sum(1) == 1
-        return loo if as_unseen is None else loo | as_unseen
+        valid = perts >= 0
+        loo = valid.sum(1) == 1
+        if as_unseen is not None:
+            loo = loo | as_unseen
+        return valid & (loo.unsqueeze(1) | self.derived[perts.clamp_min(0)])
 
     def trained_sets(self, perts: Tensor) -> Tensor:
         """[U] bool: sets of two or more genes whose singles were all trained."""
@@ -298,30 +350,37 @@ class SetPrior(nn.Module):
         the gene of a one-gene set and every gene of a set in as_unseen)."""
         valid = perts >= 0
         out = valid & ~self.seen[perts.clamp_min(0)]
-        loo = self._loo_sets(perts, cross_fit, as_unseen)
-        return out if loo is None else out | (valid & loo.unsqueeze(1))
+        loo = self._loo_genes(perts, cross_fit, as_unseen)
+        return out if loo is None else out | loo
 
-    def forward(self, perts: Tensor, cross_fit: bool = False, as_unseen: Tensor | None = None) -> Tensor:
+    def members(self, perts: Tensor, cross_fit: bool = False, as_unseen: Tensor | None = None) -> Tensor:
+        """[U, K, G]: each gene's part of prior(S) (zero for padding); they sum to forward(perts). A gene's part is
+        its share of the mean term plus its (beta-weighted, for unseen sets) deviation."""
         valid = perts >= 0
         node = perts.clamp_min(0)
         size = valid.sum(1)
         index, weight = self.eval_index[node], self.eval_weight[node]          # [U, K, k + 1]
         seen = self.seen[node] & valid
-        loo = self._loo_sets(perts, cross_fit, as_unseen)
+        loo = self._loo_genes(perts, cross_fit, as_unseen)
         if loo is not None:
-            index = torch.where(loo.view(-1, 1, 1), self.loo_index[node], index)
-            weight = torch.where(loo.view(-1, 1, 1), self.loo_weight[node], weight)
-            seen = seen & ~loo.unsqueeze(1)
+            index = torch.where(loo.unsqueeze(-1), self.loo_index[node], index)
+            weight = torch.where(loo.unsqueeze(-1), self.loo_weight[node], weight)
+            seen = seen & ~loo
         use = valid.unsqueeze(-1) & (index >= 0)
         rows = self.rows.float()
-        num_sets = perts.shape[0]
-        set_id = torch.arange(num_sets, device=perts.device).view(-1, 1, 1).expand_as(index)[use]
+        num_sets, width = perts.shape
+        member_id = torch.arange(num_sets * width, device=perts.device).view(num_sets, width, 1).expand_as(index)[use]
         contrib = rows.index_select(0, index[use]) * weight[use].float().unsqueeze(1)
-        dev = torch.zeros(num_sets, rows.shape[1], device=rows.device).index_add_(0, set_id, contrib)
+        dev = torch.zeros(num_sets * width, rows.shape[1], device=rows.device).index_add_(0, member_id, contrib)
         if self.basis.numel():
             dev = dev @ self.basis.float()
+        dev = dev.view(num_sets, width, -1)
         # |S| m + sum dev when a gene of S was trained (or |S| = 1); m + beta sum dev for unseen sets.
         anchored = seen.any(1) | (size <= 1)
-        count = torch.where(anchored, size, torch.ones_like(size)).to(dev.dtype)
-        beta = torch.where(anchored, torch.ones_like(count), self.beta_unseen.float().expand_as(count))
-        return count.unsqueeze(1) * self.mean_delta.float().unsqueeze(0) + beta.unsqueeze(1) * dev
+        share = torch.where(anchored, 1.0, 1.0 / size.clamp_min(1).to(dev.dtype))
+        beta = torch.where(anchored, torch.ones_like(share), self.beta_unseen.float().expand_as(share))
+        mean_part = (share.unsqueeze(1) * valid.to(dev.dtype)).unsqueeze(-1) * self.mean_delta.float()
+        return mean_part + beta.view(-1, 1, 1) * dev
+
+    def forward(self, perts: Tensor, cross_fit: bool = False, as_unseen: Tensor | None = None) -> Tensor:
+        return self.members(perts, cross_fit, as_unseen).sum(1)
