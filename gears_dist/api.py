@@ -386,7 +386,7 @@ def available_configs() -> list[str]:
 
 def _config_data(config: Any) -> dict:
     """Plain data of a config given as a preset name, a YAML path, a mapping or a RunConfig."""
-    from gears_dist.config import load_yaml, to_dict
+    from gears_dist.config import load_yaml_with_base, to_dict
     from gears_dist.train.config import RunConfig
 
     if isinstance(config, RunConfig):
@@ -397,12 +397,12 @@ def _config_data(config: Any) -> dict:
         text = os.fspath(config)
         path = pathlib.Path(text)
         if path.suffix in (".yaml", ".yml") or path.is_file() or os.sep in text:
-            return load_yaml(path)
+            return load_yaml_with_base(path)
         preset = _config_dir() / f"{text}.yaml"
         if not preset.is_file():
             raise ValueError(f"config: {text!r} is neither a YAML file nor a preset; presets: {available_configs()} "
                              f"(configs/<name>.yaml), or pass a path, a dict or a RunConfig")
-        return load_yaml(preset)
+        return load_yaml_with_base(preset)
     raise TypeError(f"config: expected a preset name (str), a YAML path, a dict or a RunConfig, received "
                     f"{_type_name(config)} ({config!r})")
 
@@ -610,8 +610,10 @@ def train(store: PathLike | Store, config: Any = "demo", *, out: PathLike | None
 
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available()
                               else "cpu")
+        from gears_dist.distributed.launcher import warn_if_bf16_emulated
         from gears_dist.train.loop import run_single
 
+        warn_if_bf16_emulated(cfg)  # with Ray, rank 0 warns on its own machine
         try:
             run_single(cfg, store_path, run_dir)
         finally:

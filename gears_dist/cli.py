@@ -3,12 +3,16 @@
 Arguments are declared here; implementations are imported lazily inside each handler so that
 `gears-dist --help` does not pay for importing torch and Ray. Presets are YAML files in configs/,
 not flags. User errors (ValueError/TypeError raised by the library) print one clear line and exit 2.
+Warnings print one line each, and libraries' FutureWarnings not at all; Ray's own output stays in the run
+directory's logs. `--verbose` (or GEARS_DIST_VERBOSE=1) shows both as Ray and Python would.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -41,10 +45,28 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     return build.cli_graph(args)
 
 
+def _parse_sets(pairs: list[str] | None) -> dict:
+    """``--set a.b=value`` pairs -> {dotted name: value}; values are read as YAML (2, 3e-4, true, go, [1, 2])."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        name, eq, text = pair.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with a dotted field, e.g. --set train.epochs=2")
+        try:
+            out[name.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {pair!r}: the value is not valid YAML ({exc})") from None
+    return out
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from gears_dist.api import resolve_config
     from gears_dist.distributed import launcher
 
-    return launcher.cli_train(args)
+    cfg = resolve_config(args.config, _parse_sets(args.set))
+    return launcher.cli_train(cfg, args.store, out=args.out, address=args.address, resume=args.resume)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -162,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
     s.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    s.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set train.epochs=2 --set model.prior=go (repeatable)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("evaluate", help="metrics per test category for a trained model and the baselines; GI, "
@@ -239,13 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--config", default=None, help="training preset (default: configs/demo.yaml)")
     s.set_defaults(func=_cmd_demo)
+
+    for s in sub.choices.values():
+        s.add_argument("--verbose", action="store_true", help="also show Ray's own output (controller, every "
+                       "worker's stdout / stderr) and libraries' FutureWarnings; same as GEARS_DIST_VERBOSE=1")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["GEARS_DIST_VERBOSE"] = "1"  # read by the launcher (log_to_driver) and passed to its workers
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"gears-dist {args.command}: warning: {message}", file=file or sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if os.environ.get("GEARS_DIST_VERBOSE", "") in ("", "0"):
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!gears_dist\.)")  # libraries'
+                warnings.showwarning = one_line
+            return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"gears-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2

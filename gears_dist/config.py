@@ -153,9 +153,30 @@ def load_yaml(path: str | pathlib.Path) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | pathlib.Path, overrides: dict | None = None) -> T:
-    """Load a YAML file into `cls`; `overrides` (nested dict) is merged over it first."""
+def load_yaml_with_base(path: str | pathlib.Path, _chain: tuple[str, ...] = ()) -> dict:
+    """A YAML config with its ``base:`` resolved: ``base: other.yaml`` (relative to this file, else to the
+    working directory) is loaded first, recursively, and this file's values are merged over it."""
+    path = pathlib.Path(path)
     data = load_yaml(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {str(path)!r}: base: expected the path of another YAML config, received "
+                          f"{base!r}")
+    here = str(path.resolve())
+    tried = [path.parent / base, pathlib.Path(base)]
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"config file {str(path)!r}: base {base!r} not found (tried {[str(p) for p in tried]})")
+    if str(found.resolve()) in (*_chain, here):
+        raise ConfigError(f"config file {str(path)!r}: base {base!r} makes a cycle ({' -> '.join((*_chain, here))})")
+    return deep_merge(load_yaml_with_base(found, (*_chain, here)), data)
+
+
+def load_config(cls: type[T], path: str | pathlib.Path, overrides: dict | None = None) -> T:
+    """Load a YAML file (its ``base:`` resolved) into `cls`; `overrides` (nested dict) is merged over it first."""
+    data = load_yaml_with_base(path)
     if overrides:
         data = deep_merge(data, overrides)
     return from_dict(cls, data)

@@ -238,3 +238,30 @@ def test_prior_members_sum_to_the_prior_and_gains_scale_each_member():
     torch.testing.assert_close(model.predict_delta(perts), 1.5 * prior(perts))
     with pytest.raises(ConfigError, match="prior_gain"):
         from_dict(ModelConfig, {"prior_gain": True}).validate()
+
+
+def test_combination_deltas_are_fitted_leave_one_out_and_used_only_for_seen_sets():
+    from gears_dist.model.prior import _combination_deltas
+
+    rng = np.random.default_rng(5)
+    d = {g: rng.normal(size=NUM_GENES) for g in ("N0", "N1", "N2", "N4")}
+    shift = rng.normal(size=NUM_GENES)  # N0 acts the same way differently in every pair: learnable
+    combos = [("N0", "N1"), ("N0", "N2"), ("N0", "N4")]
+    deltas = np.stack([d[a] + d[b] + shift for a, b in combos])
+    rows, w = _combination_deltas(combos, deltas, d, set(d), rng)
+    assert np.isfinite(w) and set(rows) == {"N0", "N1", "N2", "N4"}
+    # N0's combination delta: (w d + sum of what each pair leaves after its partner) / (w + 3)
+    np.testing.assert_allclose(rows["N0"], (w * d["N0"] + 3 * (d["N0"] + shift)) / (w + 3))
+    # Exactly additive pairs: the evidence cannot help, so the additive model (w = inf) stays.
+    assert _combination_deltas(combos, deltas - shift, d, set(d), rng) == ({}, np.inf)
+
+    fit = fit_go_prior(_graph(), list(d), np.stack(list(d.values())), np.zeros(NUM_GENES), combos, deltas,
+                       k=3, tau=0.1)
+    assert fit.combo_weight == w and (fit.combo_index >= 0).sum() == 4
+    prior = SetPrior(fit)
+    pair = torch.tensor([[1, 2]])  # N1+N2, not a training pair: each gene's combination delta
+    np.testing.assert_allclose(prior(pair)[0].numpy(), rows["N1"] + rows["N2"], atol=1e-5)
+    np.testing.assert_allclose(prior(torch.tensor([[1, -1]]))[0].numpy(), d["N1"], atol=1e-5)   # a single: its own
+    # Training (cross-fitted): the plain singles, so a training pair never sees its own cells.
+    np.testing.assert_allclose(prior(torch.tensor([[0, 1]]), cross_fit=True)[0].numpy(), d["N0"] + d["N1"],
+                               atol=1e-5)

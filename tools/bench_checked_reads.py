@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 import timeit
+
+from _common import minor_faults
 
 
 def main() -> None:
@@ -47,11 +48,11 @@ def main() -> None:
     for r in range(args.rounds):
         for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):  # alternate who goes first
             L.read_checked = variants[name]
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            f0 = minor_faults()
             t0 = time.perf_counter()
             loader._read_units(units)
             times[name].append(time.perf_counter() - t0)
-            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            faults[name] += minor_faults() - f0
     L.read_checked = read_checked
     med = {k: statistics.median(v) for k, v in times.items()}
     # The wrapper's own cost, free of Zarr's and the machine's noise: on a NumPy array (a read that

@@ -24,24 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
 import time
 
+from _common import append_jsonl, bench_env, last_json_line, load_avg, peak_rss_mb, read_jsonl, usage
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = "genome.jsonl"
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return -1
 
 
 def prepare(store: str, world: int, coexpr_max_cells: int | None) -> dict:
@@ -70,46 +62,33 @@ def prepare(store: str, world: int, coexpr_max_cells: int | None) -> dict:
     timed(build, "build_go_graph", "go_s")
     timed(build, "ensure_partition", "partition_s")
     cfg = run_config_from_dict({"sharding": {"mode": "graph"}, "graphs": {"coexpr": {"max_cells": coexpr_max_cells}}})
-    load = os.getloadavg()[0]
+    load = load_avg()
     t0 = time.perf_counter()
     keys = prepare_run(cfg, store, world)
     wall = time.perf_counter() - t0
-    ru = resource.getrusage(resource.RUSAGE_SELF)
+    ru = usage()
     return {"phase": "prepare", "store": store, "world_size": world, "seconds": round(wall, 1),
-            **{k: round(v, 1) for k, v in seconds.items()}, "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
-            "peak_rss_mb": round(_status_kb("VmHWM") / 1024), "minor_faults": ru.ru_minflt, "keys": keys,
-            "load_avg_1m_start": round(load, 2), "load_avg_1m_end": round(os.getloadavg()[0], 2)}
+            **{k: round(v, 1) for k, v in seconds.items()}, "cpu_s": round(ru["cpu_s"], 1),
+            "peak_rss_mb": round(peak_rss_mb()), "minor_faults": ru["minor_faults"], "keys": keys,
+            "load_avg_1m_start": load, "load_avg_1m_end": load_avg()}
 
 
 def _child(cmd: list[str], log: pathlib.Path) -> dict:
     """Run a benchmark child; its last JSON line is the result."""
-    env = {**os.environ, "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "0"),
-           "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "17179869184")}
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=f, text=True)
+        proc = subprocess.run(cmd, check=False, cwd=REPO, env=bench_env(), stdout=subprocess.PIPE, stderr=f,
+                              text=True)
         f.write(proc.stdout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    row = last_json_line(proc.stdout)
+    if proc.returncode != 0 or row is None:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
-    return json.loads(lines[-1])
-
-
-def _append(path: pathlib.Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row), flush=True)
-
-
-def _rows(path: pathlib.Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.startswith("{")]
+    return row
 
 
 def report(path: pathlib.Path) -> str:
-    rows = _rows(path)
+    rows = read_jsonl(path)
     out = ["| cells | phase | W | wall s | detail | peak RSS MB (per process) | load avg |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         n = r.get("num_cells")
@@ -164,20 +143,20 @@ def main() -> None:
         if "build" in args.phases and not store.exists():
             row = _child([py, "tools/bench_synthetic.py", "--preset", "genome", "--num-cells", str(n), "--format",
                           "store", "--workers", "2", "--out-dir", str(args.out_dir), "--keep"], log)
-            _append(results, {"phase": "build", **row})
+            append_jsonl(results, {"phase": "build", **row})
         if not store.exists():
             print(f"no store {store}; skipping {n:,} cells", flush=True)
             continue
         if "prepare" in args.phases:
             row = _child([py, "tools/bench_genome.py", "--prepare-only", str(store),
                           "--coexpr-max-cells", str(args.coexpr_max_cells)], log)
-            _append(results, {**row, "num_cells": n})
+            append_jsonl(results, {**row, "num_cells": n})
         if "train" in args.phases:
             for w in args.workers:
                 row = _child([py, "tools/bench_train.py", str(store), "--workers", str(w), "--batch", "32",
                               "--steps", str(args.steps), "--epochs", "2", "--tag", "genome",
                               "--coexpr-max-cells", str(args.coexpr_max_cells)], log)
-                _append(results, row)
+                append_jsonl(results, row)
         if args.delete_after:
             shutil.rmtree(store, ignore_errors=True)
     print(report(results))

@@ -1,6 +1,6 @@
 """Benchmarks of gears_dist.graphs: GO graph build, out-of-core co-expression, METIS partitioning.
 
-Each part runs in its own process so that its peak RSS (ru_maxrss) and minor page faults are its own:
+Each part runs in its own process so that its peak RSS (VmHWM) and minor page faults are its own:
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python tools/bench_graphs.py go
     ... tools/bench_graphs.py coexpr --cells 50000 100000 200000 --genes 8000 [--keep DIR]
@@ -14,10 +14,8 @@ Results are printed as Markdown rows and appended as JSON lines to .bench/graphs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,28 +23,22 @@ import tempfile
 import time
 
 import numpy as np
+from _common import append_jsonl, load_avg, peak_rss_mb, usage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT = REPO / ".bench" / "graphs.jsonl"
 
 
 def _usage() -> dict:
-    r = resource.getrusage(resource.RUSAGE_SELF)
     # cpu_s (user + system, all threads) beside wall seconds: the machine is shared, so wall time
     # alone overstates the cost when other jobs hold the cores.
-    return {
-        "cpu_s": round(r.ru_utime + r.ru_stime, 1),
-        "peak_rss_gb": round(r.ru_maxrss / 1e6, 3),
-        "minor_faults": r.ru_minflt,
-        "load_avg_1m": round(os.getloadavg()[0], 1),
-    }
+    u = usage()
+    return {"cpu_s": round(u["cpu_s"], 1), "peak_rss_gb": round(peak_rss_mb() * 1024 / 1e6, 3),
+            "minor_faults": u["minor_faults"], "load_avg_1m": round(load_avg(), 1)}
 
 
 def _record(row: dict) -> None:
-    OUT.parent.mkdir(exist_ok=True)
-    with open(OUT, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
-    print(json.dumps(row), flush=True)
+    append_jsonl(OUT, row)
 
 
 def bench_go(args) -> None:

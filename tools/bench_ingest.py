@@ -1,4 +1,4 @@
-"""Ingest benchmarks (figures go to BENCHMARKS.md, section "## Ingest").
+"""Ingest benchmarks (BENCHMARKS.md, rows "Ingest" and "Store X codec and chunks", command C17).
 
 Two measurements:
 
@@ -38,6 +38,7 @@ import time
 import warnings
 
 import numpy as np
+from _common import last_json_line, peak_rss_mb
 
 
 def du(path: pathlib.Path) -> int:
@@ -125,31 +126,30 @@ def convert(path: pathlib.Path, x_format: str) -> None:
     a.write_h5ad(path)
 
 
-CHILD = """
-import json, os, resource, sys, time, warnings
-warnings.simplefilter("ignore")
-from gears_dist.data.ingest import ingest
-t0 = time.perf_counter()
-s = ingest(sys.argv[1], sys.argv[2], overwrite=True, memory_budget_mb=int(sys.argv[3]))
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-print(json.dumps({"seconds": time.perf_counter() - t0, "manifest_ingest": s.manifest["ingest"],
-                  "counts": s.manifest["counts"], "normalization": s.manifest["normalization"]["choice"],
-                  "vm_hwm_kb": int(status["VmHWM"].split()[0])}))
-"""
+def child_ingest(src: str, dest: str, budget_mb: int) -> None:
+    """One ingest in this (fresh) process; prints its time, manifest figures and this process's peak RSS."""
+    warnings.simplefilter("ignore")
+    from gears_dist.data.ingest import ingest
+
+    t0 = time.perf_counter()
+    s = ingest(src, dest, overwrite=True, memory_budget_mb=budget_mb)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "manifest_ingest": s.manifest["ingest"],
+                      "counts": s.manifest["counts"], "normalization": s.manifest["normalization"]["choice"],
+                      "peak_rss_MB": peak_rss_mb()}))
 
 
 def run_child(src: pathlib.Path, dest: pathlib.Path, budget_mb: int) -> dict:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(src), str(dest), str(budget_mb)],
+    proc = subprocess.Popen([sys.executable, __file__, "_ingest", str(src), str(dest), str(budget_mb)],
                             stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"ingest child failed ({proc.returncode})")
-    result = json.loads(out.strip().splitlines()[-1])
+    result = last_json_line(out)
     # Peak RSS is the child's VmHWM (high-water RSS of its own address space). ru_maxrss is NOT used:
     # Linux carries the pre-exec (forked-parent) RSS into it, which would report the generator's memory.
-    result.update(peak_rss_MB=result["vm_hwm_kb"] / 1024, ru_maxrss_MB=usage.ru_maxrss / 1024,
+    result.update(ru_maxrss_MB=usage.ru_maxrss / 1024,
                   minor_faults=usage.ru_minflt, major_faults=usage.ru_majflt, user_s=usage.ru_utime,
                   sys_s=usage.ru_stime)
     return result
@@ -198,7 +198,14 @@ def main(argv=None) -> int:
     for q in (c, s):
         q.add_argument("--workdir", default=None)
         q.add_argument("--out", default=None, help="also write the rows as JSON here")
+    i = sub.add_parser("_ingest")  # internal: one ingest in a fresh process (run_child)
+    i.add_argument("src")
+    i.add_argument("dest")
+    i.add_argument("budget_mb", type=int)
     args = p.parse_args(argv)
+    if args.what == "_ingest":
+        child_ingest(args.src, args.dest, args.budget_mb)
+        return 0
     own = args.workdir is None
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_ingest-", dir="/tmp")
     pathlib.Path(args.workdir).mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
+
+from _common import load_avg, minor_faults, peak_rss_mb
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -61,7 +62,7 @@ def main() -> None:
         plan = plan_shard(store, train, rank, args.workers, sharding=args.sharding, part_of_condition=part)
         loader = ShardLoader(store, plan, pert_index, lcfg, seed=0)
         setup_bytes = loader.bytes_read
-        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        faults0 = minor_faults()
         t0 = time.perf_counter()
         cells, distinct = 0, []
         for i, batch in enumerate(loader.epoch_batches(0)):
@@ -70,7 +71,7 @@ def main() -> None:
             if args.steps and i + 1 >= args.steps:
                 break
         dt = time.perf_counter() - t0
-        ru = resource.getrusage(resource.RUSAGE_SELF)
+        faults = minor_faults() - faults0
         halo = _halo(pert_index, plan, store, go_src, go_dst, go.num_nodes)
         processed = halo if args.sharding == "graph" and args.workers > 1 else go.num_nodes
         print(json.dumps({
@@ -83,8 +84,7 @@ def main() -> None:
             "window_rows": loader.window_rows,
             "distinct_conditions_per_batch": round(float(np.mean(distinct)), 2),
             "go_nodes_total": go.num_nodes, "go_nodes_halo": halo, "go_nodes_processed": processed,
-            "peak_rss_mb": round(ru.ru_maxrss / 1024), "minor_faults": ru.ru_minflt - faults0,
-            "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+            "peak_rss_mb": round(peak_rss_mb()), "minor_faults": faults, "load_avg_1m": load_avg()}), flush=True)
 
 
 def _halo(pert_index, plan, store, src, dst, num_nodes: int) -> int:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from _common import minor_faults, peak_rss_mb, rss_mb
 
 SCALES = {"norman": (5045, 20000), "genome": (8000, 20000)}
 NUM_CONDITIONS = 300  # ~ Norman: singles and pairs of ~100 genes
@@ -29,14 +29,8 @@ HIDDEN = 64
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _usage():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_minflt, r.ru_maxrss / 1024.0
+    return minor_faults(), peak_rss_mb()
 
 
 def _graphs(num_genes: int, num_perts: int, k: int = 20, seed: int = 0):
@@ -179,14 +173,14 @@ def build_reference(cfg):
 
 def run_ours(cfg):
     step, batches = build_ours(cfg)
-    base_rss = _rss_mb()
+    base_rss = rss_mb()
     times, faults, peak = _time_steps(step, batches, cfg["warmup"])
     return dict(times=times, minor_faults_per_step=faults, peak_rss_mb=peak, base_rss_mb=base_rss)
 
 
 def run_reference(cfg):
     step, batches = build_reference(cfg)
-    base_rss = _rss_mb()
+    base_rss = rss_mb()
     times, faults, peak = _time_steps(step, batches, cfg["warmup"])
     return dict(times=times, minor_faults_per_step=faults, peak_rss_mb=peak, base_rss_mb=base_rss)
 
@@ -228,30 +222,35 @@ def decoder_flops_per_cell(num_genes: int, hidden: int = HIDDEN) -> float:
     return 3 * (num_genes * forward + cross)
 
 
-def run_matmul(cfg):
-    """This CPU's rate on the decoder's matmuls (forward, grad-input, grad-weight) at N = B * G rows."""
+def decoder_matmuls(rows: int, dtype: str):
+    """The decoder's recovery-MLP matmuls (forward, grad-input, grad-weight of h -> 2h -> h) at `rows` rows:
+    a function that runs them once (the "matmul floor" of a step at rows = B * G), and their FLOPs."""
     import torch
 
-    num_genes, _ = SCALES[cfg["scale"]]
-    rows = cfg["batch"] * num_genes
-    dtype = torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     h = HIDDEN
     shapes = [(h, 2 * h), (2 * h, h)]
     ops = []
     for k, n in shapes:
-        a = torch.randn(rows, k).to(dtype)
-        w = torch.randn(n, k).to(dtype)
-        g = torch.randn(rows, n).to(dtype)
+        a, w, g = torch.randn(rows, k).to(dt), torch.randn(n, k).to(dt), torch.randn(rows, n).to(dt)
         ops += [lambda a=a, w=w: torch.nn.functional.linear(a, w), lambda g=g, w=w: g @ w,
                 lambda g=g, a=a: g.t() @ a]
-    flops = 3 * sum(2 * rows * k * n for k, n in shapes)
-    for op in ops:
-        op()
+
+    def run(_batch=None):
+        for op in ops:
+            op()
+
+    return run, 3 * sum(2 * rows * k * n for k, n in shapes)
+
+
+def run_matmul(cfg):
+    """This CPU's rate on the decoder's matmuls (forward, grad-input, grad-weight) at N = B * G rows."""
+    run, flops = decoder_matmuls(cfg["batch"] * SCALES[cfg["scale"]][0], cfg["dtype"])
+    run()
     times = []
     for _ in range(cfg["steps"]):
         t = time.perf_counter()
-        for op in ops:
-            op()
+        run()
         times.append(time.perf_counter() - t)
     return dict(times=times, gflops=flops / statistics.median(times) / 1e9)
 

@@ -24,9 +24,15 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tools.bench_model import HIDDEN, SCALES, _batches, _conditions, _graphs, decoder_flops_per_cell
+from bench_model import (
+    HIDDEN,
+    SCALES,
+    _batches,
+    _conditions,
+    _graphs,
+    decoder_flops_per_cell,
+    decoder_matmuls,
+)
 
 
 def build(package: str, scale: str, batch: int, dtype: str, steps: int, options: dict, seed: int = 0):
@@ -53,27 +59,8 @@ def build(package: str, scale: str, batch: int, dtype: str, steps: int, options:
         opt.step()
         return float(loss)
 
-    step.model = model  # for tools that change the model before timing (tools/bench_decoder_variants.py)
+    step.model = model  # for callers that change the model before timing
     return step, _batches(num_genes, _conditions(num_perts), batch, None, steps)
-
-
-def matmul_floor(rows: int, dtype: str):
-    """The decoder's recovery-MLP matmuls (forward, grad-input, grad-weight of h -> 2h -> h) at `rows` rows."""
-    import torch
-
-    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    h = HIDDEN
-    ops = []
-    for k, n in ((h, 2 * h), (2 * h, h)):
-        a, w, g = torch.randn(rows, k).to(dt), torch.randn(n, k).to(dt), torch.randn(rows, n).to(dt)
-        ops += [lambda a=a, w=w: torch.nn.functional.linear(a, w), lambda g=g, w=w: g @ w,
-                lambda g=g, a=a: g.t() @ a]
-
-    def run(_batch=None):
-        for op in ops:
-            op()
-
-    return run
 
 
 def parse_options(items: list[str]) -> dict:
@@ -110,7 +97,7 @@ def main(argv=None) -> int:
         runners[f"before {dtype}"] = build(args.before_package, args.scale, args.batch, dtype, total, {})
         runners[f"after {dtype}"] = build(args.after_package, args.scale, args.batch, dtype, total,
                                           parse_options(args.after_option))
-        runners[f"matmul {dtype}"] = (matmul_floor(args.batch * SCALES[args.scale][0], dtype), [None] * total)
+        runners[f"matmul {dtype}"] = (decoder_matmuls(args.batch * SCALES[args.scale][0], dtype)[0], [None] * total)
     times = {name: [] for name in runners}
     cpu = {name: [] for name in runners}
     first_loss = {}

@@ -22,29 +22,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import time
 
 import numpy as np
-
-
-def _faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+from _common import minor_faults
 
 
 def _timed(fn, repeats: int):
     times, faults = [], []
     for _ in range(repeats):
-        f0, t0 = _faults(), time.perf_counter()
+        f0, t0 = minor_faults(), time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-        faults.append(_faults() - f0)
+        faults.append(minor_faults() - f0)
     return out, statistics.median(times), int(statistics.median(faults))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", default=None)
     p.add_argument("--synthetic", type=int, nargs="+", default=None, metavar="G",
                    help="gene counts of untrained models to time fold=True vs fold=False on (no run needed)")
@@ -145,11 +141,11 @@ def synthetic(args) -> None:
             out = {}
             for _ in range(args.repeats):
                 for fold in (True, False):
-                    f0, c0, t0 = _faults(), time.process_time(), time.perf_counter()
+                    f0, c0, t0 = minor_faults(), time.process_time(), time.perf_counter()
                     out[fold] = predict(fold)
                     times[fold].append(time.perf_counter() - t0)
                     cpu[fold].append(time.process_time() - c0)
-                    faults[fold].append(_faults() - f0)
+                    faults[fold].append(minor_faults() - f0)
             diff = float((out[True] - out[False]).abs().max())
             scale = float(out[False].abs().max())
             # Wall time: median; CPU time (both threads): minimum, the figure least disturbed by other jobs.

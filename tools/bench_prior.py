@@ -7,20 +7,18 @@ shapes, same batches, at Norman size (G = 5,045, P = 20,000 GO nodes, 100 traini
 reports the prior's buffers in MB and the time to fit it. Uses tools/bench_model.py's graphs and batches.
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python tools/bench_prior.py \
-        --scales norman genome --batch 32 --steps 8
+        --scales norman genome --dtypes fp32 --batch 32 --steps 6
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench_model as BM  # noqa: E402
+import bench_model as BM
 
 SINGLES = {"norman": 100, "genome": 10000}
 

@@ -28,11 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import _common
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".bench" / "reference"
@@ -96,16 +99,7 @@ def measure(cmd: list[str], label: str, env: dict | None = None, poll_s: float =
     # Popen reaped the child in poll(); its rusage (and its reaped descendants') is in RUSAGE_CHILDREN deltas.
     record = {"label": label, "cmd": " ".join(map(str, cmd)), "rc": proc.returncode, "wall_s": round(wall, 2),
               "peak_tree_rss_mb": round(peak / 2**20, 1)}
-    parsed = None
-    for line in reversed(out_chunks):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                parsed = json.loads(line)
-                break
-            except json.JSONDecodeError:
-                pass
-    record["result"] = parsed
+    record["result"] = _common.last_json_line("".join(out_chunks))
     if timed_out:
         record["timed_out"] = True
         record["max_s"] = max_s
@@ -118,21 +112,17 @@ def measure(cmd: list[str], label: str, env: dict | None = None, poll_s: float =
 
 
 class ChildUsage:
-    """Minor faults and max RSS of children reaped while in the block (getrusage(RUSAGE_CHILDREN) deltas)."""
+    """Minor faults and CPU seconds of children reaped while in the block (getrusage(RUSAGE_CHILDREN) deltas)."""
 
     def __enter__(self):
-        import resource
-
-        self.r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.r0 = _common.usage(resource.RUSAGE_CHILDREN)
         return self
 
     def __exit__(self, *exc):
-        import resource
-
-        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.minor_faults = r1.ru_minflt - self.r0.ru_minflt
-        self.cpu_s = (r1.ru_utime + r1.ru_stime) - (self.r0.ru_utime + self.r0.ru_stime)
-        self.maxrss_mb = r1.ru_maxrss / 1024.0  # max over all children so far (only grows)
+        r1 = _common.usage(resource.RUSAGE_CHILDREN)
+        self.minor_faults = r1["minor_faults"] - self.r0["minor_faults"]
+        self.cpu_s = r1["cpu_s"] - self.r0["cpu_s"]
+        self.maxrss_mb = r1["maxrss_mb"]  # max over all children so far (only grows)
 
 
 def run_measured(cmd: list[str], label: str, env: dict | None = None, max_s: float | None = None) -> dict:
@@ -149,19 +139,12 @@ def run_measured(cmd: list[str], label: str, env: dict | None = None, max_s: flo
 
 
 def _append(obj: dict) -> None:
-    BENCH.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(obj, default=str) + "\n")
+    _common.append_jsonl(RESULTS, obj, echo=False)
 
 
 def bench_env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_MAX_", "0")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "17179869184")
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("RAY_AUTH_MODE", "token")
+    env = _common.bench_env()
     env.setdefault("TQDM_DISABLE", "1")
-    env["PYTHONPATH"] = str(REPO)
     return env
 
 
@@ -193,8 +176,7 @@ def screen_h5ad(screen: str, cells: int | None = None) -> Path:
 
 
 def reference_python() -> Path:
-    sys.path.insert(0, str(REPO))
-    from tools.reference.env import ensure_reference_env
+    from reference.env import ensure_reference_env  # tools/reference/env.py (tools/ is this script's folder)
 
     # not resolve(): the venv python is a symlink to the base interpreter, which would lose the venv
     return Path(os.path.abspath(REPO / ensure_reference_env(REPO / ".bench" / "reference-venv")))
@@ -287,7 +269,7 @@ def run_screen(args) -> dict:
     # (1) data preparation -- ours
     if args.resume_after_prepare:
         # an interrupted run: take our preparation steps from its records (the store is already built)
-        steps = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+        steps = _common.read_jsonl(RESULTS)
         for key, label in (("ours_ingest", f"{tag}: ours ingest"),
                            ("ours_graphs", f"{tag}: ours split + graphs (prepare_run)")):
             out[key] = [r for r in steps if r.get("kind") == "step" and r.get("label") == label][-1]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The "Scaling" table of BENCHMARKS.md in one command: W=1 vs W=2 (Ray, gloo) end to end with graph and
+# BENCHMARKS.md's "W=1 vs W=2" row (C12) in one command: W=1 vs W=2 (Ray, gloo) end to end with graph and
 # random sharding, then the loader alone, on the generated 2e5-cell genome store (built first if missing:
 # tools/bench_genome.py's build phase, ~80 s; the graphs are built on first use by the first run).
 #

@@ -23,16 +23,15 @@ import tempfile
 import time
 
 import numpy as np
+from _common import minor_faults, peak_rss_mb, usage
 
 from gears_dist.data import synthetic
 
 
 def _usage() -> dict:
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    # ru_maxrss is in KiB on Linux; children: the largest single worker.
-    return {"peak_rss_mib": round(me.ru_maxrss / 1024, 1), "worker_peak_rss_mib": round(kids.ru_maxrss / 1024, 1),
-            "minor_faults": me.ru_minflt + kids.ru_minflt}
+    kids = usage(resource.RUSAGE_CHILDREN)  # the sampling workers: ru_maxrss of the largest one
+    return {"peak_rss_mib": round(peak_rss_mb(), 1), "worker_peak_rss_mib": round(kids["maxrss_mb"], 1),
+            "minor_faults": minor_faults() + kids["minor_faults"]}
 
 
 def _size(path: pathlib.Path) -> int:

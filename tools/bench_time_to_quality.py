@@ -4,7 +4,7 @@
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 \
         .venv/bin/python tools/bench_time_to_quality.py [--datasets norman_subset synthetic] [--variants ...]
 
-One invocation per table (BENCHMARKS.md "## Time to the reference's quality"). Per dataset:
+One invocation per table (BENCHMARKS.md, rows "Time to the reference's quality", commands C9 and C10). Per dataset:
 
 1. Input: one GEARS-style log1p h5ad that both implementations read (obs.condition 'ctrl' / 'A+ctrl' / 'A+B',
    obs.cell_type, var.gene_name): the real Norman subset (tests/data) relabelled, or a generated Norman-like
@@ -47,6 +47,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+from _common import minor_faults, peak_rss_mb
 
 from gears_dist.config import deep_merge
 
@@ -96,7 +98,7 @@ VARIANTS: dict[str, dict] = {
     "bf16_cosine_lr2e-3": _variant(BF16, COSINE_LR2E3),
     # batch 128 per cell, cosine over the base's 15 epochs (the reference's budget)
     "b128_bf16_cosine_lr3e-3": _variant(BF16, B128, COSINE_LR3E3),
-    # Ablation of the test-quality gap on generated screens (BENCHMARKS.md): the reference's semantics with one
+    # Ablation of the test-quality gap on generated screens (git show e2b381c:BENCHMARKS.md): the reference's semantics with one
     # thing changed at a time -- the seed (our run-to-run spread), the loader's window (every training cell
     # shuffled together, as the reference's DataLoader does, instead of windows of 8 chunks).
     "ref_fp32_seed2": {"seed": 2},
@@ -525,14 +527,11 @@ def run_ours(store_path: pathlib.Path, work: pathlib.Path, variant: str, thresho
 
 
 def cmd_variant(args) -> int:
-    import resource
-
     overrides = json.loads(args.overrides) if args.overrides else VARIANTS[args.variant]
     rec = run_ours_variant(args.store, args.variant, overrides, args.threshold, args.stop_at_threshold,
                            args.epochs, args.run_dir, args.pred)
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    rec["peak_rss_mb"] = ru.ru_maxrss / 1024
-    rec["minor_faults"] = ru.ru_minflt
+    rec["peak_rss_mb"] = peak_rss_mb()
+    rec["minor_faults"] = minor_faults()
     pathlib.Path(args.out).write_text(json.dumps(rec))
     return 0
 
@@ -629,7 +628,7 @@ def bench_dataset(name: str, args) -> dict:
     split = reference_split(work, proc)
     if not args.side_by_side:
         # each side alone on the machine: on 2 cores the reference's epochs took ~3x longer while ours ran
-        # beside it (BENCHMARKS.md, 2026-11-25), so the ratio depended on how long the two overlapped
+        # beside it (2026-11-25, git show e2b381c:BENCHMARKS.md), so the ratio depended on how long they overlapped
         _log(f"{name}: waiting for the reference before running ours (--side-by-side runs them together)")
         wait_reference(work, proc)
     _log(f"{name}: ours: ingest, the reference's split, graphs")

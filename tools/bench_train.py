@@ -21,10 +21,11 @@ import itertools
 import json
 import os
 import pathlib
-import resource
 import shutil
 import tempfile
 import time
+
+from _common import load_avg, peak_rss_mb, usage
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -65,14 +66,6 @@ def _plan_cells(cfg, store_path: str, world: int) -> tuple[list[int], int, dict]
     plans = [plan_shard(store, train, r, world, sharding=cfg.sharding.mode, part_of_condition=part,
                         include_controls=cfg.data.loader.include_controls, seed=cfg.seed) for r in range(world)]
     return [pl.num_cells for pl in plans], plans[0].total_train_cells, keys
-
-
-def _vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _per_rank(rows: list[dict], batch_per_worker: int, shard_cells: list[int], total_cells: int) -> list[dict]:
@@ -123,7 +116,7 @@ def main() -> None:
     if args.coexpr_max_cells:
         over["graphs"] = {"coexpr": {"max_cells": args.coexpr_max_cells}}
     cfg = load_run_config(args.config or repo / "configs" / "norman.yaml", deep_merge({}, over))
-    load_start = os.getloadavg()[0]
+    load_start = load_avg()
     shard_cells, total_cells, keys = _plan_cells(cfg, args.store, args.workers)
     store = open_store(args.store)
     out = pathlib.Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -149,10 +142,10 @@ def main() -> None:
     step_ms = sum(h["step_time_ms"] for h in timed) / len(timed)
     # every worker runs steps_per_epoch = train cells // (W * per-worker batch) steps (the loader's rule)
     full_steps = max(1, total_cells // (args.workers * per_worker))
-    ru = resource.getrusage(resource.RUSAGE_SELF)
+    ru = usage()
     ranks = _per_rank(rank_rows, per_worker, shard_cells, total_cells)
     if not use_ray:
-        ranks[0]["peak_rss_mb"] = round(_vm_hwm_mb())  # this process is the worker
+        ranks[0]["peak_rss_mb"] = round(peak_rss_mb())  # this process is the worker
     print(json.dumps({
         "phase": "train", "tag": args.tag, "store": str(args.store), "num_cells": store.num_cells,
         "genes": store.num_genes, "conditions": len(store.condition_names),
@@ -163,9 +156,9 @@ def main() -> None:
         "step_time_ms": round(step_ms, 1), "train_cells": total_cells, "full_epoch_steps": full_steps,
         "epoch_time_extrapolated_s": round(full_steps * step_ms / 1e3, 1),
         "ranks": ranks, "worker_peak_rss_mb_max": max(r["peak_rss_mb"] for r in ranks),
-        "driver_peak_rss_mb": round(ru.ru_maxrss / 1024), "driver_minor_faults": ru.ru_minflt,
+        "driver_peak_rss_mb": round(peak_rss_mb()), "driver_minor_faults": ru["minor_faults"],
         "split": keys["split"], "partition": keys["partition"],
-        "load_avg_1m_start": round(load_start, 2), "load_avg_1m_end": round(os.getloadavg()[0], 2),
+        "load_avg_1m_start": load_start, "load_avg_1m_end": load_avg(),
         "wall_s": round(wall, 1)}), flush=True)
 
 

@@ -17,24 +17,18 @@ import ctypes
 import json
 import os
 import pathlib
-import sys
 import tempfile
 import time
 import tracemalloc
 
+from _common import status_mb
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def _status_mb() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":")[0]
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = round(int(line.split()[1]) / 1024)
-    return out
+    return {k: round(v) for k, v in status_mb("VmRSS", "VmHWM").items()}
 
 
 class _MallInfo2(ctypes.Structure):

@@ -15,13 +15,10 @@ so two versions can be profiled with the same harness.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tools.bench_model import SCALES
-from tools.bench_model_ab import build
+from bench_model import SCALES
+from bench_model_ab import build
 
 # Ops that carry the decoder's (and every other layer's) dense matmul work.
 MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",

@@ -1,6 +1,6 @@
 """Paper model of multi-node data-parallel scaling for GEARS (gears_dist.model.GEARSModel).
 
-    .venv/bin/python tools/scaling_model.py --measured .bench/genome/genome.jsonl   # the BENCHMARKS.md tables
+    .venv/bin/python tools/scaling_model.py --measured .bench/genome/genome.jsonl   # BENCHMARKS.md, C14
     .venv/bin/python tools/scaling_model.py            # with the step times of BENCHMARKS.md, 2026-12-05 (DEFAULT_MEASURED)
     .venv/bin/python tools/scaling_model.py --step-ms 585 --batch 32 --genes 8000 --perts 13674
 
@@ -36,15 +36,17 @@ import json
 import math
 import pathlib
 
-# Defaults: single-node figures measured in this repository (BENCHMARKS.md, "Genome scale" and "Side by side";
+from _common import read_jsonl
+
+# Defaults: single-node figures measured in this repository (BENCHMARKS.md, commands C6 and C11;
 # 2-core CPU, fp32, batch 32 per step). Overridden by --measured or --step-ms.
 DEFAULT_SHAPES = {
     "norman": {"genes": 5045, "perts": 5056},
     "genome": {"genes": 8000, "perts": 13674},
 }
-# Used when --measured has no row for a shape. norman: BENCHMARKS.md "Side by side with the reference",
-# 2026-12-05 (the per-worker loop, W=1, no Ray, fp32, batch 32, quiet 2-core CPU); genome: "Genome scale",
-# the 2e6-cell W=1 row of the 2026-12-05 train-phase rerun (same machine, quiet).
+# Used when --measured has no row for a shape. norman: BENCHMARKS.md "Training cells/s vs the reference" (C6),
+# 2026-12-05 (the per-worker loop, W=1, no Ray, fp32, batch 32, quiet 2-core CPU); genome: "Genome scale, time"
+# (C11), the 2e6-cell W=1 row of the 2026-12-05 train-phase rerun (same machine, quiet).
 DEFAULT_MEASURED = {
     "norman": {"step_ms": 232.6, "batch": 32, "source": "measured W=1 CPU, side-by-side table 2026-12-05"},
     "genome": {"step_ms": 424.3, "batch": 32, "source": "measured W=1 CPU, genome table 2026-12-05, 2e6 cells"},
@@ -143,10 +145,7 @@ def break_even_ms(shape: dict, n: int, link: float, alpha_us: float, grad_bytes:
 def _measured_inputs(path: pathlib.Path) -> dict:
     """Steady-state W=1 step times from tools/bench_genome.py / bench_train.py JSON lines (largest store)."""
     best: dict = {}
-    for line in path.read_text().splitlines():
-        if not line.strip().startswith("{"):
-            continue
-        row = json.loads(line)
+    for row in read_jsonl(path):
         if row.get("phase", "train") == "train" and row.get("workers") == 1 and "step_time_ms" in row:
             key = "genome" if row.get("genes", 8000) > 6000 else "norman"
             if key not in best or row.get("num_cells", 0) >= best[key].get("num_cells", 0):

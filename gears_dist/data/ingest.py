@@ -59,7 +59,7 @@ from gears_dist.data.store import (
 
 TARGET_SUM = 1e4
 CONDITION_KEYS = ("condition", "perturbation", "gene", "target_gene")
-# X codec and chunk size chosen by tools/bench_ingest.py (BENCHMARKS.md "## Ingest")
+# X codec and chunk size chosen by tools/bench_ingest.py (BENCHMARKS.md rows "Ingest, peak RSS vs cells" and "Store X codec and chunks")
 X_CODEC = ZstdCodec(level=1)
 X_CODEC_NAME = "zstd(level=1)"
 X_CHUNK_BYTES = 4 << 20

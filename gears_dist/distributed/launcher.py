@@ -14,6 +14,15 @@
   that verifies (every file's SHA-256), not only from the one Ray's controller had recorded: the
   controller's ``checkpoint_manager_snapshot.json`` lags the checkpoints the workers already wrote, so
   after an interrupted driver it may name an older checkpoint, or none.
+- What the terminal shows: rank 0 appends what gears_dist prints and warns to ``<run_dir>/train.log``.
+  A local Ray started here runs with ``log_to_driver=False`` and the driver prints train.log's new lines
+  as they come, so each progress line appears once and none of Ray's own output (controller and
+  placement-group messages, ``TrainingReport`` dumps, library FutureWarnings) reaches the terminal; Ray's
+  logs of that session are copied to ``<run_dir>/logs/ray/`` when the run ends. ``GEARS_DIST_VERBOSE=1``
+  (``gears-dist --verbose``) forwards every worker's output instead, as Ray does by default. Joining a
+  cluster keeps Ray's forwarding (the cluster's logs are Ray's: ``ray job logs``).
+  Ray Train's print patch is off (``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` unless set): in Ray 2.60 it sends each
+  ``print`` of a worker both to stdout and, through a logging handler, to stderr, so every line came twice.
 """
 
 from __future__ import annotations
@@ -24,12 +33,14 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import tempfile
+import threading
 import warnings
 from typing import Any
 
 from gears_dist.config import to_dict
-from gears_dist.train.config import RunConfig, load_run_config, run_config_from_dict
+from gears_dist.train.config import RunConfig, run_config_from_dict
 
 # Variables the workers need that a Ray cluster would not otherwise pass on.
 _WORKER_ENV = ("DS_ACCELERATOR", "DS_BUILD_OPS", "MLFLOW_TRACKING_URI", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
@@ -41,6 +52,29 @@ _WORKER_ENV = ("DS_ACCELERATOR", "DS_BUILD_OPS", "MLFLOW_TRACKING_URI", "MALLOC_
 # 127.0.0.1, gcs_server, raylet (node manager, object manager), the agents and the workers bind loopback.
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+VERBOSE_ENV = "GEARS_DIST_VERBOSE"
+TRAIN_LOG = "train.log"  # in the run directory: what rank 0 printed and warned (gears_dist's lines only)
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1])
+
+# The local Ray this process started: its node and job (to recognise it later), its logs directory and whether
+# the workers' output is forwarded to this driver.
+_local_ray: dict[str, Any] = {}
+
+
+def verbose() -> bool:
+    """True when $GEARS_DIST_VERBOSE is set (not '' or '0'): Ray's own output goes to the terminal too."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def _ours() -> dict[str, Any] | None:
+    """What ensure_ray recorded, if the Ray this process is connected to is the local one it started."""
+    import ray
+
+    if not _local_ray or not ray.is_initialized():
+        return None
+    ctx = ray.get_runtime_context()
+    return _local_ray if (ctx.get_node_id(), ctx.get_job_id()) == _local_ray["id"] else None
 
 
 @contextlib.contextmanager
@@ -65,12 +99,14 @@ def _ray_on_loopback():
             os.environ[_CLUSTER_ENV] = saved_env
 
 
-def ensure_ray(address: str | None, cfg: RunConfig) -> bool:
+def ensure_ray(address: str | None, cfg: RunConfig, *, log_to_driver: bool = True) -> bool:
     """Connect to `address` / $RAY_ADDRESS, or start a local Ray. Returns True if this call started it.
 
     The local Ray is private to this process and listens on 127.0.0.1 only; another process attaching to it
     (``ray status``, a test) needs ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` as well, or Ray rewrites the
-    127.0.0.1 of the address it is given to the routable IP, where nothing listens."""
+    127.0.0.1 of the address it is given to the routable IP, where nothing listens.
+    log_to_driver: for a local Ray, whether every worker's stdout / stderr is printed here (Ray's default); a
+    cluster's always is."""
     import ray
 
     if ray.is_initialized():
@@ -90,15 +126,157 @@ def ensure_ray(address: str | None, cfg: RunConfig) -> bool:
         need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         # address="local": a new local instance, never a cluster some other process started on this machine
         with _ray_on_loopback():
-            ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
-                     _node_ip_address="127.0.0.1", object_store_memory=cfg.scaling.object_store_mb << 20,
-                     runtime_env=runtime_env, configure_logging=False, log_to_driver=True)
+            info = ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
+                            include_dashboard=False, _node_ip_address="127.0.0.1",
+                            object_store_memory=cfg.scaling.object_store_mb << 20, runtime_env=runtime_env,
+                            configure_logging=False, log_to_driver=log_to_driver)
+        ctx = ray.get_runtime_context()
+        session = (getattr(info, "address_info", None) or {}).get("session_dir")
+        _local_ray.clear()
+        _local_ray.update(id=(ctx.get_node_id(), ctx.get_job_id()), log_to_driver=log_to_driver,
+                          logs=pathlib.Path(session) / "logs" if session else None)
         node_ip = ray.util.get_node_ip_address()
         if node_ip not in _LOOPBACK:
             warnings.warn(f"the local Ray took node address {node_ip} instead of 127.0.0.1: its services listen "
                           f"beyond this machine, guarded by Ray's token authentication (RAY_AUTH_MODE=token)",
                           stacklevel=2)
     return True
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this machine's CPU computes bf16 natively (x86: avx512_bf16 or amx_bf16; Arm: bf16); None when
+    /proc/cpuinfo cannot tell (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = pathlib.Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def warn_if_bf16_emulated(cfg: RunConfig, cpuinfo: str | None = None) -> bool:
+    """deepspeed.precision bf16 training on a CPU without native bf16: warn and suggest fp32 (bf16 matmuls are
+    emulated there: ~12x slower than fp32, BENCHMARKS.md). Returns True if it warned."""
+    if cfg.deepspeed.precision != "bf16" or cfg.scaling.use_gpu or cfg.train.device == "cuda":
+        return False
+    if cfg.train.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return False
+    if cpu_has_native_bf16(cpuinfo) is not False:
+        return False
+    warnings.warn("deepspeed.precision is bf16 but this CPU has no native bf16 (no avx512_bf16 / amx_bf16 in "
+                  "/proc/cpuinfo): bf16 matmuls are emulated, several times slower than fp32; use "
+                  "deepspeed.precision: fp32 on this machine", stacklevel=2)
+    return True
+
+
+class _RunLog:
+    """Rank 0's sys.stdout while it trains: every write goes on to the process's stdout (Ray's worker log);
+    what gears_dist code prints is also appended to the run's train.log. print() is C code, so the frame
+    above write() is print's caller (Ray Train's print patch, when on, adds frames of its own: skipped).
+    Anything else (fileno, encoding, isatty, ...) is the stream's."""
+
+    def __init__(self, stream, log):
+        self._stream, self._log = stream, log
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith("ray.train."):
+            frame = frame.f_back
+        if frame is not None and frame.f_globals.get("__name__", "").startswith("gears_dist"):
+            self._log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._log.flush()
+
+
+@contextlib.contextmanager
+def _rank0_log(run_dir: str | os.PathLike):
+    """Rank 0 while it trains: gears_dist's prints, and one line per warning raised in gears_dist code (not
+    FutureWarning / DeprecationWarning), are appended to <run_dir>/train.log as well."""
+    path = pathlib.Path(run_dir) / TRAIN_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", buffering=1, encoding="utf-8") as log:
+        shown = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            shown(message, category, filename, lineno, file, line)
+            if str(filename).startswith(_PACKAGE_DIR) and not issubclass(category, (FutureWarning,
+                                                                                  DeprecationWarning)):
+                log.write(f"gears-dist train: warning: {message}\n")
+
+        stdout, sys.stdout, warnings.showwarning = sys.stdout, _RunLog(sys.stdout, log), showwarning
+        try:
+            yield
+        finally:
+            sys.stdout, warnings.showwarning = stdout, shown
+
+
+class _Relay:
+    """The driver, while a run trains on a local Ray that does not forward the workers' output: prints the
+    lines rank 0 appends to <run_dir>/train.log (from where the file ended when the run started)."""
+
+    def __init__(self, path: pathlib.Path, interval_s: float = 0.5):
+        self.path, self.interval_s = path, interval_s
+        self.offset = path.stat().st_size if path.is_file() else 0
+        self._partial = b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gears-dist-train-log", daemon=True)
+
+    def _drain(self, final: bool = False) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        self.offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if final and self._partial:
+            lines, self._partial = lines + [self._partial], b""
+        for line in lines:
+            print(line.decode("utf-8", errors="replace"), flush=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._drain()
+
+    def __enter__(self) -> _Relay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain(final=True)
+
+
+def _keep_ray_logs(ours: dict[str, Any] | None, run_dir: pathlib.Path) -> None:
+    """Copy the local Ray session's logs (every worker's stdout / stderr, Ray Train's controller and worker
+    logs, raylet, GCS) to <run_dir>/logs/ray/: Ray's session directory is temporary."""
+    src = (ours or {}).get("logs")
+    if src is None or not src.is_dir():
+        return
+    try:
+        shutil.copytree(src, run_dir / "logs" / "ray", dirs_exist_ok=True, ignore_dangling_symlinks=True)
+    except (OSError, shutil.Error) as exc:
+        warnings.warn(f"could not copy Ray's logs from {src} to {run_dir / 'logs' / 'ray'}: {exc}", stacklevel=3)
 
 
 class RayReporter:
@@ -190,15 +368,21 @@ def _train_loop_per_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not config.get("verbose"):
+        # e.g. torch's all_gather_into_tensor deprecation, from DeepSpeed, on every step: not the user's to act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!gears_dist\.)")
     cfg = run_config_from_dict(config["cfg"])
-    resume_dir, copy = _starting_checkpoint(config, rank)
-    fail_at = config.get("fail_at_epoch") if rank == world - 1 else None
-    try:
-        summary = run_worker(cfg, config["store"], config["run_dir"], rank, world, reporter=RayReporter(),
-                             keys=config["keys"], resume_from=resume_dir, fail_at_epoch=fail_at)
-    finally:
-        if copy:
-            shutil.rmtree(copy, ignore_errors=True)
+    with _rank0_log(config["run_dir"]) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            warn_if_bf16_emulated(cfg)
+        resume_dir, copy = _starting_checkpoint(config, rank)
+        fail_at = config.get("fail_at_epoch") if rank == world - 1 else None
+        try:
+            summary = run_worker(cfg, config["store"], config["run_dir"], rank, world, reporter=RayReporter(),
+                                 keys=config["keys"], resume_from=resume_dir, fail_at_epoch=fail_at)
+        finally:
+            if copy:
+                shutil.rmtree(copy, ignore_errors=True)
     final = {f"final_{k}": float(v) for k, v in summary["final"].items()}
     ray.train.report(final)
 
@@ -232,7 +416,10 @@ def train_with_ray(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str |
         start = newest_verified_checkpoint(storage / cfg.name)
     if start is not None:
         print(f"gears-dist train: --resume: newest complete checkpoint {start[0]} (epoch {start[1]})", flush=True)
-    ensure_ray(address, cfg)
+    # Ray Train's print patch would send each line a worker prints to the terminal twice (module docstring)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ensure_ray(address, cfg, log_to_driver=verbose())
+    ours = _ours()
 
     s = cfg.scaling
     per_worker: dict[str, float] = {"CPU": s.cpus_per_worker}
@@ -242,7 +429,8 @@ def train_with_ray(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str |
         _train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "store": str(pathlib.Path(store_path).resolve()),
                            "run_dir": str(run_dir), "keys": keys, "fail_at_epoch": fail_at_epoch,
-                           "resume_dir": str(start[0]) if start else None, "resume_epoch": start[1] if start else None},
+                           "resume_dir": str(start[0]) if start else None, "resume_epoch": start[1] if start else None,
+                           "verbose": verbose()},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=s.use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -251,7 +439,16 @@ def train_with_ray(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str |
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.num_checkpoints_to_keep),
             callbacks=list(callbacks or [])),
     )
-    result = trainer.fit()
+    relay = _Relay(run_dir / TRAIN_LOG) if ours is not None and not ours["log_to_driver"] else None
+    try:
+        with relay or contextlib.nullcontext():
+            result = trainer.fit()
+    except BaseException:
+        if relay is not None and ours.get("logs") is not None:
+            print(f"gears-dist train: Ray's logs of this run: {run_dir / 'logs' / 'ray'}", file=sys.stderr)
+        raise
+    finally:
+        _keep_ray_logs(ours, run_dir)
     if result.error is not None:
         raise result.error
     summary_path = run_dir / "summary.json"
@@ -262,15 +459,12 @@ def train_with_ray(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str |
     return summary
 
 
-def cli_train(args) -> int:
-    """``gears-dist train STORE --config C [--out DIR] [--address A] [--resume]``."""
-    cfg = load_run_config(args.config)
-    out = pathlib.Path(args.out or pathlib.Path("runs") / cfg.name)
-    summary = train_with_ray(cfg, args.store, out, address=args.address, resume=args.resume)
-    from gears_dist.train.loop import format_summary
-
-    if summary.get("final"):
-        print(format_summary(summary))
+def cli_train(cfg: RunConfig, store: str, out: str | None = None, address: str | None = None,
+              resume: bool = False) -> int:
+    """``gears-dist train STORE --config C [--set F=V] [--out DIR] [--address A] [--resume]``."""
+    out = pathlib.Path(out or pathlib.Path("runs") / cfg.name)
+    summary = train_with_ray(cfg, store, out, address=address, resume=resume)
+    # rank 0 printed the summary (format_summary): shown here through train.log, or Ray's log forwarding
     print(f"gears-dist train: run directory {out} (model in {out / 'model'}, summary.json, MLflow "
           f"run {summary.get('mlflow_run_id')})")
     return 0

@@ -122,7 +122,7 @@ class TrainedPredictor:
 
         from gears_dist.data.store import open_store
         from gears_dist.graphs.build import _load_graph
-        from gears_dist.model import GEARSModel
+        from gears_dist.model.build import build_model
         from gears_dist.train import checkpoint as ckpt
         from gears_dist.train import loop
         from gears_dist.train.config import run_config_from_dict
@@ -149,18 +149,7 @@ class TrainedPredictor:
         if meta.get("go_nodes") and list(meta["go_nodes"]) != go.nodes:
             raise ValueError(f"GO graph {keys['go']!r} in {str(st.path)!r} differs from the one the model was trained "
                              f"with; rebuild it with the run's graph config")
-        go_ei, go_ew = go.to_torch()
-        co_ei, co_ew = coexpr.to_torch()
-        model = GEARSModel(cfg.model, st.num_genes, go.num_nodes, go_ei, go_ew, co_ei, co_ew)
-        if cfg.model.prior != "none":
-            from gears_dist.model.prior import SetPrior
-
-            model.attach_prior(SetPrior.from_state_dict(state))
-        own = model.state_dict()
-        missing = sorted(set(own) - set(state))
-        if missing:
-            raise ValueError(f"saved weights in {str(where)!r} lack {missing[:5]}; the model config does not match")
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own})
+        model = build_model(cfg.model, st.num_genes, go, coexpr, state=state, where=repr(str(where)))
         model.to(torch.device(device))
         predictor = cls(model, meta, st, go.nodes, device)
         predictor.go_graph = go

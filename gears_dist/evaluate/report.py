@@ -61,6 +61,30 @@ def format_table(table, metrics: Sequence[str] = METRICS, title: str | None = No
     return "\n".join(lines)
 
 
+def format_by_category(table, metric: str = "mse_de") -> str:
+    """One metric, predictors in rows and categories in columns, the best per column starred: the short view
+    (`gears-dist demo`); format_table has every metric."""
+    cats = sorted(table["category"].unique(), key=category_sort_key)
+    lower = not HIGHER_IS_BETTER.get(metric, True)
+    values = {(r["predictor"], r["category"]): float(r[metric]) for _, r in table.iterrows()}
+    best = {}
+    for c in cats:
+        col = [v for (_, cat), v in values.items() if cat == c and not math.isnan(v)]
+        if len(col) > 1:
+            best[c] = min(col) if lower else max(col)
+    lines = [f"{metric} ({'lower' if lower else 'higher'} is better; * best in its column)",
+             f"{'predictor':<14}" + "".join(f"{c:>14}" for c in cats)]
+    for p in dict.fromkeys(table["predictor"]):
+        cells = []
+        for c in cats:
+            v = values.get((p, c), float("nan"))
+            star = "*" if c in best and not math.isnan(v) and math.isclose(v, best[c], rel_tol=1e-9, abs_tol=1e-12) \
+                else " "
+            cells.append(f"{('nan' if math.isnan(v) else f'{v:.4f}') + star:>14}")
+        lines.append(f"{str(p)[:13]:<14}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def _clean(v):
     if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
         return None

@@ -34,6 +34,10 @@ class ModelConfig:
     `prior_gain` (prior 'go' only): the network also learns a gain per gene of a set on that gene's part of the
     prior (delta_S = sum_g (1 + gain_g(S)) prior_g + residual), from the genes' GO embeddings and how their
     prior deltas relate: synergy, suppression and dominance of a pair are such gains. Starts at zero.
+    `prior_residual` (prior 'go' only): 'all' adds the network's output to every set's prior; 'observed' only to
+    sets none of whose genes has a GO-estimated prior (every gene's single trained, or its delta derived from
+    training combinations). With 'observed' the network is trained on the training combinations alone (a
+    training single's prior is a GO estimate) and learns how genes combine; sets with unseen genes get the prior.
     """
 
     hidden_size: int = 64
@@ -53,6 +57,7 @@ class ModelConfig:
     prior_rank: int = 256
     prior_crossfit_pairs: float = 0.0
     prior_gain: bool = False
+    prior_residual: Literal["all", "observed"] = "all"
 
     def validate(self) -> None:
         require(self.hidden_size >= 1, "hidden_size", f"expected a positive integer, received {self.hidden_size}")
@@ -70,6 +75,8 @@ class ModelConfig:
         require(self.prior_max_exact_mb >= 0.0, "prior_max_exact_mb", f"expected >= 0, received "
                 f"{self.prior_max_exact_mb}")
         require(self.prior_rank >= 1, "prior_rank", f"expected a positive integer, received {self.prior_rank}")
+        require(self.prior_residual in ("all", "observed"), "prior_residual",
+                f"expected 'all' or 'observed', received {self.prior_residual!r}")
         require(not self.prior_gain or self.prior == "go", "prior_gain",
                 "a gain on the prior needs a prior: set model.prior: go (or prior_gain: false)")
         require(0.0 <= self.prior_crossfit_pairs <= 1.0, "prior_crossfit_pairs",

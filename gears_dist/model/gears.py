@@ -188,10 +188,17 @@ class GEARSModel(nn.Module):
         if self.prior is None:
             raise RuntimeError("model.prior is 'go' but no prior is attached: call attach_prior(SetPrior(fit)) "
                                "(training and TrainedPredictor.load do)")
+        if self.cfg.prior_residual == "observed":
+            # The network's part only for sets of observed genes (no GO estimate in the set): while training those
+            # are the combinations of trained genes, so the network learns interactions, not GO corrections.
+            observed = ~self.prior.estimated(perts, self.training, as_unseen).any(1)
+            delta = delta * observed.unsqueeze(1).to(delta.dtype)
         if self.gain_mlp is None:
             return delta + self.prior(perts, cross_fit=self.training, as_unseen=as_unseen)
         parts = self.prior.members(perts, cross_fit=self.training, as_unseen=as_unseen)   # [U, K, G]
         gains = self._prior_gains(perts, parts, as_unseen, go_table)
+        if self.cfg.prior_residual == "observed":
+            gains = gains * observed.unsqueeze(1).to(gains.dtype)
         return delta + ((1.0 + gains).unsqueeze(-1) * parts).sum(1)
 
     def _prior_gains(self, perts: Tensor, parts: Tensor, as_unseen: Tensor | None,

@@ -10,6 +10,11 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
 - p's single is not, but p is in training sets of two or more genes ("derived"): d_p is the mean over those
   sets S of d_S - sum over S's other genes h of their delta (observed single, else GO estimate), i.e. what
   the additive model says p contributed; many screens perturb genes only in combinations;
+- p's single is in training and p is also in training combinations whose other genes are seen (single or
+  derived): inside a set of two or more seen genes, p gets its "combination delta" (w d_p + sum_S r_pS) / (w + n_p),
+  r_pS = d_S - the other genes' deltas, over the n_p such combinations S: how p acts in combinations (real screens
+  have genes that dominate or saturate in pairs). w is fitted leave-one-out over the training combinations of
+  trained singles (w = inf, the additive model, when the evidence does not help);
 - otherwise: dev(p) = lambda_p (a_p - m), a_p the GO-similarity-weighted mean of the observed deltas of p's
   top-k GO neighbours among the training singles, shrunk by lambda_p = W_p / (W_p + tau) (W_p: their total
   Jaccard weight; no neighbour: dev 0). k and tau are fitted by leave-one-out over the training singles.
@@ -43,6 +48,8 @@ from torch import Tensor, nn
 
 K_GRID = (5, 10, 20)
 TAU_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, np.inf)
+# Weight of a gene's single against each training combination's evidence (inf: the single alone, the additive model).
+COMBO_GRID = (np.inf, 8.0, 4.0, 2.0, 1.0, 0.5)
 # Leave-one-out fits use at most this many training singles and doubles (genome screens have ~10k).
 MAX_FIT_CONDITIONS = 1000
 
@@ -62,6 +69,8 @@ class PriorFit:
     loo_weight: np.ndarray
     seen: np.ndarray            # [P] bool: the node's single is in training, or its delta is derived
     derived: np.ndarray         # [P] bool: seen through training sets of >= 2 genes only (see module doc)
+    combo_index: np.ndarray     # [P] row of the node's combination delta, -1 for none (see module doc)
+    combo_weight: float         # w of the combination deltas (inf: none)
     beta_unseen: float          # weight of the deviations for sets of >= 2 genes, none trained
     k: int
     tau: float
@@ -70,7 +79,8 @@ class PriorFit:
     def summary(self) -> str:
         lowrank = "exact" if self.basis is None else f"rank {self.basis.shape[0]}"
         return (f"GO prior: {len(self.single_genes)} training singles, {int(self.derived.sum())} genes derived from "
-                f"training combinations ({lowrank}), k {self.k}, tau {self.tau:g}, "
+                f"training combinations, {int((self.combo_index >= 0).sum())} combination deltas (w {self.combo_weight:g}) "
+                f"({lowrank}), k {self.k}, tau {self.tau:g}, "
                 f"beta for unseen sets {self.beta_unseen:.3f}, leave-one-out mse {self.loo_mse:.4g}")
 
     def residual_rows(self) -> np.ndarray:
@@ -241,12 +251,60 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
         if derived_rows:
             residuals = np.concatenate([residuals, np.stack(derived_rows)], axis=0)
 
+    combo_index, combo_weight = np.full(num_nodes, -1, dtype=np.int64), np.inf
+    if len(doubles) and double_deltas is not None:
+        seen_delta = {g: single_deltas[keep[i]] for g, i in single_index.items()}
+        seen_delta.update({g: mean_delta + derived_rows[j] for j, g in enumerate(sorted(sums))})
+        combo_rows, combo_weight = _combination_deltas(doubles, double_deltas, seen_delta, set(single_index), rng)
+        for j, (g, row) in enumerate(combo_rows.items()):
+            combo_index[node_index[g]] = residuals.shape[0] + j
+        if combo_rows:
+            residuals = np.concatenate([residuals, np.stack(list(combo_rows.values())) - mean_delta], axis=0)
+
     rows, basis = residuals, None
     if residuals.size * 4 > max_exact_mb * 2**20 and min(residuals.shape) > rank:
         rows, basis = _low_rank(residuals, rank, rng)
     return PriorFit(nodes=list(go.nodes), single_genes=genes, mean_delta=mean_delta, rows=rows, basis=basis,
                     eval_index=eval_index, eval_weight=eval_weight, loo_index=loo_index, loo_weight=loo_weight,
-                    seen=seen, derived=derived, beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse))
+                    seen=seen, derived=derived, combo_index=combo_index, combo_weight=float(combo_weight),
+                    beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse))
+
+
+def _combination_deltas(combos: Sequence[tuple[str, ...]], combo_deltas: np.ndarray, seen_delta: dict[str, np.ndarray],
+                        trained: set[str], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], float]:
+    """Per trained gene in training combinations of seen genes: its combination delta (module doc), and w.
+
+    w is chosen on the grid by leave-one-out over the training combinations of trained singles (the seen2 case):
+    each is predicted from the other combinations' evidence only. Returns ({} , inf) when w = inf wins."""
+    remainders: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for i, genes_i in enumerate(combos):
+        if len(genes_i) < 2 or not all(g in seen_delta for g in genes_i):
+            continue
+        for g in genes_i:
+            if g in trained:
+                rest = sum(seen_delta[h] for h in genes_i if h != g)
+                remainders.setdefault(g, []).append((i, combo_deltas[i] - rest))
+    tests = [i for i, genes_i in enumerate(combos) if len(genes_i) >= 2 and all(g in trained for g in genes_i)]
+    if len(tests) > MAX_FIT_CONDITIONS:
+        tests = [tests[j] for j in np.sort(rng.choice(len(tests), MAX_FIT_CONDITIONS, replace=False))]
+    if not tests or not remainders:
+        return {}, np.inf
+    best = (np.inf, np.inf)
+    for w in COMBO_GRID:
+        err = 0.0
+        for i in tests:
+            pred = np.zeros_like(combo_deltas[i])
+            for g in combos[i]:
+                others = [r for j, r in remainders.get(g, []) if j != i]
+                pred += (w * seen_delta[g] + sum(others)) / (w + len(others)) if others and np.isfinite(w) \
+                    else seen_delta[g]
+            err += float(np.mean((pred - combo_deltas[i]) ** 2))
+        if err < best[0] * (1 - 1e-9):
+            best = (err, w)
+    w = best[1]
+    if not np.isfinite(w):
+        return {}, np.inf
+    return {g: (w * seen_delta[g] + sum(r for _, r in rs)) / (w + len(rs)) for g, rs in sorted(remainders.items())}, w
 
 
 def _low_rank(a: np.ndarray, rank: int, rng: np.random.Generator, power_iterations: int = 2
@@ -307,10 +365,12 @@ class SetPrior(nn.Module):
                 "loo_index": torch.as_tensor(fit.loo_index), "loo_weight": torch.as_tensor(
                     fit.loo_weight, dtype=torch.float32),
                 "seen": torch.as_tensor(fit.seen), "derived": torch.as_tensor(fit.derived),
+                "combo_index": torch.as_tensor(fit.combo_index),
                 "beta_unseen": torch.tensor(float(fit.beta_unseen)),
             }
         elif shapes is not None:
-            dtypes = {"eval_index": torch.long, "loo_index": torch.long, "seen": torch.bool, "derived": torch.bool}
+            dtypes = {"eval_index": torch.long, "loo_index": torch.long, "seen": torch.bool, "derived": torch.bool,
+                      "combo_index": torch.long}
             tensors = {k: torch.zeros(s, dtype=dtypes.get(k, torch.float32)) for k, s in shapes.items()}
         else:
             raise ValueError("SetPrior: pass a PriorFit, or the buffer shapes of a saved one (from_state_dict)")
@@ -318,11 +378,17 @@ class SetPrior(nn.Module):
             self.register_buffer(name, t)
 
     BUFFERS = ("mean_delta", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight", "seen",
-               "derived", "beta_unseen")
+               "derived", "combo_index", "beta_unseen")
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "prior.") -> SetPrior:
-        """An empty SetPrior shaped like the one saved in `state` (load_state_dict then fills it)."""
+        """An empty SetPrior shaped like the one saved in `state` (load_state_dict then fills it). A prior saved
+        before derived genes and combination deltas existed gets them empty (added to `state`): it predicts as
+        it did."""
+        if prefix + "seen" in state:
+            seen = state[prefix + "seen"]
+            state.setdefault(prefix + "derived", torch.zeros_like(seen))
+            state.setdefault(prefix + "combo_index", torch.full(seen.shape, -1, dtype=torch.long))
         missing = [b for b in cls.BUFFERS if prefix + b not in state]
         if missing:
             raise ValueError(f"saved weights lack the prior's {missing} (keys '{prefix}*'): the model was trained "
@@ -366,6 +432,15 @@ class SetPrior(nn.Module):
             index = torch.where(loo.unsqueeze(-1), self.loo_index[node], index)
             weight = torch.where(loo.unsqueeze(-1), self.loo_weight[node], weight)
             seen = seen & ~loo
+        elif not cross_fit:
+            # Sets of two or more seen genes: a gene's combination delta where it has one (never while training).
+            combo = self.combo_index[node]
+            use_combo = valid & (combo >= 0) & self.trained_sets(perts).unsqueeze(1)
+            first = torch.zeros_like(index[..., :1])
+            combo_index = torch.cat([combo.unsqueeze(-1), first.expand_as(index[..., 1:]) - 1], -1)
+            combo_weight = torch.cat([torch.ones_like(weight[..., :1]), torch.zeros_like(weight[..., 1:])], -1)
+            index = torch.where(use_combo.unsqueeze(-1), combo_index, index)
+            weight = torch.where(use_combo.unsqueeze(-1), combo_weight, weight)
         use = valid.unsqueeze(-1) & (index >= 0)
         rows = self.rows.float()
         num_sets, width = perts.shape

@@ -198,7 +198,7 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
     from gears_dist.data.splits import load_split
     from gears_dist.graphs.build import ensure_graphs, load_partition
     from gears_dist.graphs.graph import perturbation_index
-    from gears_dist.model import GEARSModel
+    from gears_dist.model.build import build_model
 
     device = _device(cfg)
     if world_size > 1 and not cfg.model.sync_batchnorm:
@@ -227,18 +227,16 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
                       include_controls=cfg.data.loader.include_controls, seed=cfg.seed)
     loader = ShardLoader(store, plan, pert_index, cfg.data.loader, seed=cfg.seed, device=device)
 
-    torch.manual_seed(cfg.seed)
-    go_ei, go_ew = go.to_torch()
-    co_ei, co_ew = coexpr.to_torch()
-    model = GEARSModel(cfg.model, store.num_genes, go.num_nodes, go_ei, go_ew, co_ei, co_ew)
+    fit = None
     if cfg.model.prior == "go":
         # Fitted on the training conditions' means alone, deterministically: every worker gets the same prior.
-        from gears_dist.model.prior import SetPrior, fit_from_store
+        from gears_dist.model.prior import fit_from_store
 
         fit = fit_from_store(store, split.train, go, cfg.model.prior_max_exact_mb, cfg.model.prior_rank)
-        model.attach_prior(SetPrior(fit))
-        if rank == 0:
-            print(f"gears-dist train: {fit.summary()}", flush=True)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, store.num_genes, go, coexpr, prior_fit=fit)
+    if fit is not None and rank == 0:
+        print(f"gears-dist train: {fit.summary()}", flush=True)
     go_nodes_used = go.num_nodes
     if cfg.sharding.mode == "graph" and cfg.sharding.halo and world_size > 1:
         # the nodes this worker's training cells and its share of validation conditions perturb
