@@ -373,7 +373,7 @@ def _count(n: Any) -> str:
 # configs
 # ----------------------------------------------------------------------------------------------------
 def _config_dir() -> pathlib.Path:
-    from gears_dist.demo import CONFIGS
+    from gears_dist.config import CONFIGS
 
     return CONFIGS
 

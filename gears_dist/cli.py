@@ -16,33 +16,67 @@ import warnings
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from gears_dist.data import synthetic
+    from gears_dist.config import ConfigError
+    from gears_dist.data.synthetic import write_screen
 
-    return synthetic.cli_simulate(args)
+    try:
+        report = write_screen(args.out, args.preset, num_cells=args.num_cells, num_genes=args.num_genes,
+                              num_singles=args.num_singles, num_doubles=args.num_doubles, seed=args.seed,
+                              style=args.style, format=args.format, num_workers=args.workers,
+                              overwrite=args.overwrite)
+    except ConfigError as exc:  # a bad size: name the command, as for the other errors
+        raise ValueError(f"simulate: {exc}") from None
+    print(f"simulate: wrote {report['num_cells']:,} cells x {report['num_genes']:,} genes, "
+          f"{report['num_conditions']:,} conditions to {report['path']} in {report['seconds']:.1f} s "
+          f"({report['cells_per_s']:,.0f} cells/s)")
+    return 0
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    if args.order == "graph":
-        # registers the 'graph' condition order; if it is absent the ingest lists the orders it has
-        try:
-            import gears_dist.graphs.order  # noqa: F401
-        except ModuleNotFoundError:
-            pass
-    from gears_dist.data import ingest
+    import time
 
-    return ingest.cli_ingest(args)
+    from gears_dist import api  # registers the 'graph' condition order when asked for
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            store = api.ingest(args.input, args.store, condition_key=args.condition_key,
+                               control_values=args.control_value, separators=args.separator, gene_key=args.gene_key,
+                               cell_type_key=args.cell_type_key, batch_key=args.batch_key, hvg=args.hvg,
+                               normalize=args.normalize, chunk_cells=args.chunk_cells, order=args.order,
+                               memory_budget_mb=args.memory_budget_mb, overwrite=args.overwrite)
+        finally:
+            for w in caught:  # one readable line each, not Python's source-line format
+                print(f"gears-dist ingest: warning: {w.message}", file=sys.stderr)
+    m = store.manifest
+    c = m["counts"]
+    print(f"ingested {c['num_cells']:,} cells x {c['num_genes']:,} genes, {c['num_conditions']:,} conditions "
+          f"({c['num_control_cells']:,} control cells); normalization: {m['normalization']['choice']}; "
+          f"{time.perf_counter() - t0:.1f} s -> {store.path}")
+    return 0
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from gears_dist.data import splits
+    from gears_dist.data.splits import load_split, make_and_save_split
 
-    return splits.cli_split(args)
+    key = make_and_save_split(args.store, args.kind, args.seed, key=args.name, overwrite=args.overwrite,
+                              custom_path=args.custom, train_gene_frac=args.train_gene_frac,
+                              combo_seen2_train_frac=args.combo_seen2_train_frac)
+    print(load_split(args.store, key).summary())
+    print(f"saved as splits/{key} in {args.store}")
+    return 0
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    from gears_dist.graphs import build
+    import logging
 
-    return build.cli_graph(args)
+    from gears_dist.graphs.build import build_graphs
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_graphs(args.store, config=args.config, split=args.split, parts=args.parts, method=args.method,
+                 overwrite=args.overwrite)
+    return 0
 
 
 def _parse_sets(pairs: list[str] | None) -> dict:
@@ -70,21 +104,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from gears_dist.evaluate import commands
+    from gears_dist.evaluate.commands import evaluate_run
 
-    return commands.cli_evaluate(args)
+    evaluate_run(args.target, store=args.store, split=args.split, conditions=args.conditions,
+                 baselines=[b for b in args.baselines.split(",") if b] if args.baselines else [],
+                 out=args.out, tracking_uri=args.tracking_uri, mlflow_run_id=args.mlflow_run_id,
+                 mlflow=not args.no_mlflow, gi=not args.no_gi, gi_k=args.gi_k, gi_truth=args.gi_truth,
+                 figures=not args.no_figures, num_plot_conditions=args.num_plot_conditions,
+                 export_cell_eval=args.export_cell_eval, export_cell_eval_mode=args.export_cell_eval_mode,
+                 export_cell_eval_max_cells=args.export_cell_eval_max_cells,
+                 export_cell_eval_max_control_cells=args.export_cell_eval_max_control_cells, device=args.device)
+    return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from gears_dist.evaluate import commands
+    import pathlib
 
-    return commands.cli_predict(args)
+    from gears_dist.evaluate import predict as P
+    from gears_dist.evaluate.commands import predict_to_file
+
+    sets: list = [P.parse_set(s) for s in args.perts or []]
+    if args.perts_file:
+        sets += P.read_sets_file(args.perts_file)
+    pair_genes = list(args.all_pairs or [])
+    if args.all_pairs_file:
+        text = pathlib.Path(args.all_pairs_file).read_text()
+        pair_genes += [g for g in text.replace(",", " ").split() if g]
+    if pair_genes:
+        sets += P.all_pairs(pair_genes)
+    predict_to_file(args.target, sets, args.out, store=args.store, device=args.device, uncertainty=args.uncertainty)
+    return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from gears_dist.tune import search
+    import pathlib
 
-    return search.cli_tune(args)
+    from gears_dist.tune.config import load_tune_config
+    from gears_dist.tune.search import run_search
+
+    tcfg = load_tune_config(args.config)
+    out = pathlib.Path(args.out or pathlib.Path("runs") / tcfg.name)
+    summary = run_search(tcfg, args.store, out, address=args.address, resume=args.resume)
+    print(f"gears-dist tune: output in {out} (summary.json, best/); MLflow parent run {summary['parent_run_id']} "
+          f"at {summary['tracking_uri']}")
+    return 0
 
 
 def _cmd_multisplit(args: argparse.Namespace) -> int:
@@ -102,9 +165,9 @@ def _cmd_multisplit(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gears_dist import demo
+    from gears_dist.demo import run_demo
 
-    return demo.cli_demo(args)
+    return run_demo(args.out, args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +353,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gears-dist {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def train_single_main(argv: list[str] | None = None) -> int:
+    """``python -m gears_dist.train --config C STORE --out DIR``: the per-worker loop in one process, no Ray.
+
+    Used by tests and by the single-GPU benchmark; ``gears-dist train`` (Ray) is the user-facing command.
+    """
+    import logging
+
+    p = argparse.ArgumentParser(prog="python -m gears_dist.train", description=train_single_main.__doc__.splitlines()[0])
+    p.add_argument("store", help="gears_dist store (gears-dist ingest)")
+    p.add_argument("--config", required=True, help="run preset (configs/*.yaml)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, model/, summary.json, mlflow.db)")
+    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="override train.max_steps_per_epoch")
+    args = p.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from gears_dist.train.config import load_run_config
+    from gears_dist.train.loop import run_single
+
+    overrides: dict = {"train": {}}
+    if args.epochs is not None:
+        overrides["train"]["epochs"] = args.epochs
+    if args.max_steps_per_epoch is not None:
+        overrides["train"]["max_steps_per_epoch"] = args.max_steps_per_epoch
+    try:
+        cfg = load_run_config(args.config, overrides)
+        run_single(cfg, args.store, args.out)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"python -m gears_dist.train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

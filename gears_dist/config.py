@@ -17,6 +17,9 @@ import yaml
 
 T = TypeVar("T")
 
+# The YAML presets (configs/<name>.yaml) beside the package: `gears-dist demo`, `gd.train(store, "demo")`.
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type; the message names the field."""

@@ -21,7 +21,7 @@ import io
 import pathlib
 import time
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+from gears_dist.config import CONFIGS
 
 
 def _step(title: str) -> float:
@@ -30,10 +30,10 @@ def _step(title: str) -> float:
 
 
 def run_demo(out: str | pathlib.Path, config: str | pathlib.Path | None = None) -> int:
-    from gears_dist.cli import build_parser
     from gears_dist.data import ingest, splits, synthetic
     from gears_dist.data.store import StoreError, open_store
     from gears_dist.distributed.launcher import train_with_ray
+    from gears_dist.evaluate.commands import evaluate_run
     from gears_dist.graphs.build import ensure_graphs
     from gears_dist.train.config import load_run_config
     from gears_dist.train.loop import resolve_split_key
@@ -82,18 +82,17 @@ def run_demo(out: str | pathlib.Path, config: str | pathlib.Path | None = None) 
     print(f"   {time.perf_counter() - t:.1f} s; MLflow run {summary.get('mlflow_run_id')}")
 
     t = _step("5/5 evaluate: the model beside the baselines, per test category")
-    args = build_parser().parse_args(["evaluate", str(run_dir)])
     report = io.StringIO()  # evaluate's full account (every metric per category, GI, figures) goes to a file
     try:
         with contextlib.redirect_stdout(report):
-            rc = args.func(args)
+            evaluate_run(run_dir)  # what `gears-dist evaluate RUN` does
     except BaseException:
         print(report.getvalue())
         raise
     _print_evaluation(run_dir / "evaluation", report.getvalue(), time.perf_counter() - t)
     print(f"\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{(run_dir / 'mlflow.db').resolve()} "
           f"--host 127.0.0.1")
-    return int(rc or 0)
+    return 0
 
 
 def _print_evaluation(out: pathlib.Path, text: str, seconds: float) -> None:
@@ -109,7 +108,3 @@ def _print_evaluation(out: pathlib.Path, text: str, seconds: float) -> None:
     print(*(line for line in text.splitlines() if line.startswith("headline:")), sep="\n")
     figures = sorted(out.rglob("*.png"))
     print(f"every metric, GI precision and {len(figures)} figures: {out / 'report.txt'} ({seconds:.1f} s)")
-
-
-def cli_demo(args) -> int:
-    return run_demo(args.out, args.config)

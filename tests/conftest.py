@@ -48,6 +48,37 @@ def tiny_doubles_store(tmp_path_factory):
     return store, make_split(store.condition_names, "simulation", seed=1)
 
 
+@pytest.fixture(scope="session")
+def saved_model(tiny_train_store, tmp_path_factory):
+    """An untrained GEARS model (random weights, seed 0) saved in a run directory as training saves it
+    (model/, summary.json with a 2-epoch history), on `tiny_train_store` and its split: what predict and
+    evaluate read, in seconds. Returns (run directory, Store, GO graph nodes). Shared: write outputs elsewhere."""
+    import json
+
+    import torch
+
+    from gears_dist.config import to_dict
+    from gears_dist.data.store import open_store
+    from gears_dist.graphs.build import ensure_graphs
+    from gears_dist.model import GEARSModel
+    from gears_dist.train.config import run_config_from_dict
+    from gears_dist.train.loop import save_model
+
+    cfg = run_config_from_dict({"name": "t", "model": {"hidden_size": 16}})
+    store = open_store(tiny_train_store["path"])
+    bundle = ensure_graphs(store, cfg.graphs, tiny_train_store["split"])
+    torch.manual_seed(0)
+    model = GEARSModel(cfg.model, store.num_genes, bundle.go.num_nodes, *bundle.go.to_torch(), *bundle.coexpr.to_torch())
+    run = tmp_path_factory.mktemp("saved_run")
+    meta = {"config": to_dict(cfg), "genes": store.genes, "go_nodes": bundle.go.nodes, "conditions": store.condition_names,
+            "split": tiny_train_store["split"], "graph_keys": {"split": tiny_train_store["split"], **bundle.keys},
+            "store": str(store.path)}
+    save_model(run / "model", {k: v.detach().clone() for k, v in model.state_dict().items()}, meta)
+    (run / "summary.json").write_text(json.dumps({"history": [{"epoch": 0, "train_loss": 2.0, "val_mse": 0.3},
+                                                              {"epoch": 1, "train_loss": 1.0, "val_mse": 0.2}]}))
+    return run, store, bundle.go.nodes
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray for the test module that asks for it (starting Ray costs ~10 s): 127.0.0.1, no dashboard,

@@ -1,8 +1,8 @@
 """`gears-dist predict` / `gears-dist evaluate` end to end with a real GEARSModel saved as training saves it.
 
-The default tests save an untrained model (random weights) in the training's model/ layout, so
-they exercise loading, GO-graph vocabularies, batching, outputs and errors in seconds; the slow
-test trains one epoch with the real loop first.
+The default tests use an untrained model (random weights) saved in the training's model/ layout (the
+`saved_model` fixture of conftest.py), so they exercise loading, GO-graph vocabularies, batching, outputs
+and errors in seconds; the slow test trains one epoch with the real loop first.
 """
 
 from __future__ import annotations
@@ -14,32 +14,6 @@ import numpy as np
 import pytest
 
 from gears_dist.evaluate import predict as P
-
-
-@pytest.fixture(scope="module")
-def saved_model(tiny_train_store, tmp_path_factory):
-    import torch
-
-    from gears_dist.config import to_dict
-    from gears_dist.data.store import open_store
-    from gears_dist.graphs.build import ensure_graphs
-    from gears_dist.model import GEARSModel
-    from gears_dist.train.config import run_config_from_dict
-    from gears_dist.train.loop import save_model
-
-    cfg = run_config_from_dict({"name": "t", "model": {"hidden_size": 16}})
-    store = open_store(tiny_train_store["path"])
-    bundle = ensure_graphs(store, cfg.graphs, tiny_train_store["split"])
-    torch.manual_seed(0)
-    model = GEARSModel(cfg.model, store.num_genes, bundle.go.num_nodes, *bundle.go.to_torch(), *bundle.coexpr.to_torch())
-    run = tmp_path_factory.mktemp("saved_run")
-    meta = {"config": to_dict(cfg), "genes": store.genes, "go_nodes": bundle.go.nodes, "conditions": store.condition_names,
-            "split": tiny_train_store["split"], "graph_keys": {"split": tiny_train_store["split"], **bundle.keys},
-            "store": str(store.path)}
-    save_model(run / "model", {k: v.detach().clone() for k, v in model.state_dict().items()}, meta)
-    (run / "summary.json").write_text(json.dumps({"history": [{"epoch": 0, "train_loss": 2.0, "val_mse": 0.3},
-                                                              {"epoch": 1, "train_loss": 1.0, "val_mse": 0.2}]}))
-    return run, store, bundle.go.nodes
 
 
 def test_parse_sets_and_files(tmp_path):

@@ -231,11 +231,15 @@ def test_prior_members_sum_to_the_prior_and_gains_scale_each_member():
         parts = prior.members(perts, cross_fit=cross_fit)
         torch.testing.assert_close(parts.sum(1), prior(perts, cross_fit=cross_fit))
         assert (parts[perts < 0] == 0).all()
-    # A gain of g on every gene's part (bias only) scales the whole prior by 1 + g; padding gets none.
+    # A gain of g on every gene's part (bias only) scales the whole prior by 1 + g; padding gets none. With
+    # prior_residual 'observed' (the default) only sets without a GO-estimated gene get it.
     with torch.no_grad():
         model.gain_mlp[-1].bias.fill_(0.5)
     model.eval()
-    torch.testing.assert_close(model.predict_delta(perts), 1.5 * prior(perts))
+    observed = ~prior.estimated(perts).any(1)
+    assert observed.tolist() == [True, True, False, True, False, False, False]
+    torch.testing.assert_close(model.predict_delta(perts),
+                               torch.where(observed.unsqueeze(1), 1.5 * prior(perts), prior(perts)))
     with pytest.raises(ConfigError, match="prior_gain"):
         from_dict(ModelConfig, {"prior_gain": True}).validate()
 
@@ -265,3 +269,26 @@ def test_combination_deltas_are_fitted_leave_one_out_and_used_only_for_seen_sets
     # Training (cross-fitted): the plain singles, so a training pair never sees its own cells.
     np.testing.assert_allclose(prior(torch.tensor([[0, 1]]), cross_fit=True)[0].numpy(), d["N0"] + d["N1"],
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("residual", ["observed", "all"])
+def test_residual_only_on_sets_of_observed_genes(residual):
+    torch.manual_seed(0)
+    g = _graph()
+    ei, ew = g.to_torch()
+    model = GEARSModel(ModelConfig(hidden_size=8, prior="go", prior_residual=residual), NUM_GENES, len(NODES), ei, ew,
+                       torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]]), None)
+    prior = SetPrior(_fit(k=3, tau=0.1)[0])
+    model.attach_prior(prior)
+    with torch.no_grad():
+        model.gene_b2.fill_(0.3)  # a network that outputs something everywhere
+    perts = torch.tensor([[0, -1], [3, -1], [0, 1], [0, 3], [3, 6]])  # N0, N1 trained; N3, N6 GO estimates
+    moved = (model.eval().predict_delta(perts) - prior(perts)).abs().amax(1) > 0.1
+    want = [True, False, True, False, False] if residual == "observed" else [True] * 5
+    assert moved.tolist() == want
+    # Training: a single is cross-fitted (its GO estimate), so only the pair of trained genes trains the network.
+    model.train()
+    x = torch.zeros(5, NUM_GENES)
+    pred, _ = model(x, perts, torch.arange(5))
+    moved = (pred - prior(perts, cross_fit=True)).abs().amax(1) > 0.1
+    assert moved.tolist() == ([False, False, True, False, False] if residual == "observed" else [True] * 5)

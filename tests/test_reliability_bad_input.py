@@ -24,7 +24,6 @@ import warnings
 from collections.abc import Callable
 
 import pytest
-from test_evaluate_cli import saved_model  # noqa: F401  (fixture: a model saved in training's layout)
 from test_ingest_bad_input import (
     duplicate_gene_names,
     empty_file,
@@ -244,7 +243,7 @@ def _params():
 
 
 @pytest.mark.parametrize("name", list(_params()))
-def test_bad_input_refused_with_a_clear_error(name, tmp_path, capsys, tiny_train_store, saved_model):  # noqa: F811
+def test_bad_input_refused_with_a_clear_error(name, tmp_path, capsys, tiny_train_store, saved_model):
     case = CASES[name]
     ctx = Ctx(tmp_path, tiny_train_store["path"], tiny_train_store["split"], saved_model[0])
     argv, destination = case.build(ctx)

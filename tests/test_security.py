@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-from test_evaluate_cli import saved_model  # noqa: F401  (fixture: a model saved in training's layout)
 
 from gears_dist.train import checkpoint as ckpt
 
@@ -152,7 +151,7 @@ def test_resume_from_a_poisoned_checkpoint_is_refused_without_running_it(interru
     assert not marker.exists(), "the payload ran"
 
 
-def test_predict_with_a_poisoned_model_file_is_refused_without_running_it(saved_model, tmp_path, capsys):  # noqa: F811
+def test_predict_with_a_poisoned_model_file_is_refused_without_running_it(saved_model, tmp_path, capsys):
     import shutil
 
     from gears_dist.cli import main

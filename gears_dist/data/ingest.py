@@ -24,12 +24,10 @@ cases, so an interrupted ingest leaves neither a valid-looking store nor tempora
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import math
 import pathlib
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -811,27 +809,3 @@ def ingest(input_path, store_path, *, condition_key=None, control_values=None, s
                            "source_in_destination_order": bool(scan.identity)},
             })
     return open_store(store_path)
-
-
-def cli_ingest(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        try:
-            store = _cli_ingest_call(args)
-        finally:
-            for w in caught:  # one readable line each, not Python's source-line format
-                print(f"gears-dist ingest: warning: {w.message}", file=sys.stderr)
-    m = store.manifest
-    c = m["counts"]
-    print(f"ingested {c['num_cells']:,} cells x {c['num_genes']:,} genes, {c['num_conditions']:,} conditions "
-          f"({c['num_control_cells']:,} control cells); normalization: {m['normalization']['choice']}; "
-          f"{time.perf_counter() - t0:.1f} s -> {store.path}")
-    return 0
-
-
-def _cli_ingest_call(args: argparse.Namespace) -> Store:
-    return ingest(args.input, args.store, condition_key=args.condition_key, control_values=args.control_value,
-                  separators=args.separator, gene_key=args.gene_key, cell_type_key=args.cell_type_key,
-                  batch_key=args.batch_key, hvg=args.hvg, normalize=args.normalize, chunk_cells=args.chunk_cells,
-                  order=args.order, memory_budget_mb=args.memory_budget_mb, overwrite=args.overwrite)

@@ -244,12 +244,3 @@ def make_and_save_split(store_path: str | pathlib.Path, kind: str = "simulation"
             raise ValueError(f"custom split file {custom_path!r} is not valid JSON: {exc}") from None
     split = make_split(store.condition_names, kind, seed, custom=custom, **kwargs)
     return save_split(store, split, key, overwrite)
-
-
-def cli_split(args) -> int:
-    key = make_and_save_split(args.store, args.kind, args.seed, key=args.name, overwrite=args.overwrite,
-                              custom_path=args.custom, train_gene_frac=args.train_gene_frac,
-                              combo_seen2_train_frac=args.combo_seen2_train_frac)
-    print(load_split(args.store, key).summary())
-    print(f"saved as splits/{key} in {args.store}")
-    return 0

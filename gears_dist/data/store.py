@@ -280,7 +280,7 @@ def building_store(dest: str | os.PathLike, overwrite: bool = False) -> Iterator
 
     Usage::
 
-        with building_store("out.zarr", overwrite=args.overwrite) as tmp:
+        with building_store("out.zarr", overwrite=overwrite) as tmp:
             root = zarr.open_group(tmp, mode="w")
             ... write arrays ...
             write_manifest(tmp, {...})          # last

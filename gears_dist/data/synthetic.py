@@ -65,7 +65,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from gears_dist.config import ConfigError, from_dict, require, to_dict
+from gears_dist.config import from_dict, require, to_dict
 from gears_dist.data.conditions import condition_name
 from gears_dist.data.genes import go_annotations
 
@@ -1035,21 +1035,28 @@ def _arr(group, name: str, values: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# CLI
+# a screen written to disk (`gears-dist simulate`)
 # ---------------------------------------------------------------------------------------------------
-def cli_simulate(args) -> int:
-    try:
-        spec = preset(args.preset, num_cells=args.num_cells, num_genes=args.num_genes,
-                      num_singles=args.num_singles, num_doubles=args.num_doubles, seed=args.seed)
-    except ConfigError as exc:
-        raise ValueError(f"simulate: {exc}") from None
-    workers = getattr(args, "workers", None) or min(2, os.cpu_count() or 1)
-    out = pathlib.Path(args.out)
-    if args.format == "store":
-        report = write_store(spec, out, overwrite=args.overwrite, num_workers=workers)
-    else:
-        report = write_h5ad(spec, out, style=args.style, overwrite=args.overwrite, num_workers=workers)
-    print(f"simulate: wrote {report['num_cells']:,} cells x {report['num_genes']:,} genes, "
-          f"{report['num_conditions']:,} conditions to {report['path']} in {report['seconds']:.1f} s "
-          f"({report['cells_per_s']:,.0f} cells/s)")
-    return 0
+def write_screen(out: str | os.PathLike, preset_name: str = "demo", *, num_cells: int | None = None,
+                 num_genes: int | None = None, num_singles: int | None = None, num_doubles: int | None = None,
+                 seed: int = 0, style: str = "gears", format: str = "h5ad", num_workers: int | None = None,
+                 overwrite: bool = False) -> dict:
+    """Generate a preset screen (sizes overridden where given) and write it to `out`, block by block.
+
+    ``format="h5ad"``: raw counts in an .h5ad (`write_h5ad`, condition names in `style`); ``"store"``: a
+    gears_dist store directly (`write_store`). `num_workers` (default: min(2, CPUs)) does not change the
+    output. Returns the writer's report (path, num_cells, num_genes, num_conditions, seconds, cells_per_s).
+    Raises ValueError: an unknown preset, format or style, a bad size (`ConfigError`, naming the field), or
+    `out` exists and not `overwrite`.
+    """
+    if format not in ("h5ad", "store"):
+        raise ValueError(f"format: expected 'h5ad' or 'store', received {format!r}")
+    if style not in STYLES:
+        raise ValueError(f"style: expected one of {list(STYLES)}, received {style!r}")
+    spec = preset(preset_name, num_cells=num_cells, num_genes=num_genes, num_singles=num_singles,
+                  num_doubles=num_doubles, seed=seed)
+    workers = num_workers or min(2, os.cpu_count() or 1)
+    out = pathlib.Path(out)
+    if format == "store":
+        return write_store(spec, out, overwrite=overwrite, num_workers=workers)
+    return write_h5ad(spec, out, style=style, overwrite=overwrite, num_workers=workers)

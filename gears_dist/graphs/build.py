@@ -29,6 +29,8 @@ from gears_dist.graphs.partition import Partition, halo_sizes, partition_conditi
 
 log = logging.getLogger("gears_dist.graphs")
 
+PARTITION_METHODS = ("metis", "contiguous", "random")  # PartitionConfig.method
+
 
 @dataclasses.dataclass
 class GraphBundle:
@@ -203,38 +205,58 @@ def load_graph_config(path: str | None) -> GraphConfig:
     return from_dict(GraphConfig, section, "graphs")
 
 
-def cli_graph(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_graph_config(args.config)
-    if getattr(args, "parts", None):
-        cfg.partition.num_parts = list(args.parts)
-    if getattr(args, "method", None):
-        cfg.partition.method = args.method
+def build_graphs(
+    store: Store | str | pathlib.Path,
+    *,
+    config: str | pathlib.Path | GraphConfig | None = None,
+    split: str | None = None,
+    parts: list[int] | None = None,
+    method: str | None = None,
+    overwrite: bool = False,
+    echo: bool = True,
+) -> dict[str, str]:
+    """``gears-dist graph``: the GO and co-expression graphs of `config` (a GraphConfig, a YAML with a
+    ``graphs:`` section, or None for the defaults) and a worker partition for each count in `parts`
+    (default: the config's ``partition.num_parts``), with `method` replacing ``partition.method``.
+
+    `split` names the split whose training cells feed the co-expression graph. What exists is loaded, the rest
+    built (all of it with `overwrite`). With `echo`, a summary of each is printed. Returns the component keys:
+    ``{"go": ..., "coexpr": ..., "part_W<W>": ...}`` (partitions skipped for too few conditions are absent).
+    """
+    cfg = dataclasses.replace(config) if isinstance(config, GraphConfig) else load_graph_config(config)
+    if parts:
+        cfg.partition = dataclasses.replace(cfg.partition, num_parts=[int(w) for w in parts])
+    if method:
+        if method not in PARTITION_METHODS:
+            raise ValueError(f"method: expected one of {list(PARTITION_METHODS)}, received {method!r}")
+        cfg.partition = dataclasses.replace(cfg.partition, method=method)
     cfg.validate()
-    store = open_store(args.store, mode="r+")
-    bundle = ensure_graphs(store, cfg, args.split, overwrite=args.overwrite)
+    say = print if echo else (lambda *a, **k: None)
+    store = open_store(store.path if isinstance(store, Store) else store, mode="r+")
+    bundle = ensure_graphs(store, cfg, split, overwrite=overwrite)
+    keys = dict(bundle.keys)
     go, co = bundle.go, bundle.coexpr
     perturbed = set(perturbed_genes(store))
     isolated = sorted(g for g in (go.nodes[i] for i in go.isolated()) if g in perturbed)
-    print(f"GO graph        graphs/{bundle.keys['go']}: {go.summary()}")
-    print(
+    say(f"GO graph        graphs/{bundle.keys['go']}: {go.summary()}")
+    say(
         f"co-expression   graphs/{bundle.keys['coexpr']}: {co.summary()} "
         f"from {co.info.get('num_cells')} cells"
     )
     missing = go.info.get("unannotated_perturbed", [])
-    print(
+    say(
         f"perturbed genes without GO annotation: {len(missing)}{': ' + ', '.join(missing) if missing else ''}"
     )
-    print(
+    say(
         f"isolated perturbed genes in the GO graph: {len(isolated)}"
         f"{': ' + ', '.join(isolated) if isolated else ''}"
     )
     if go.info.get("renamed"):
-        print("matched through aliases: " + ", ".join(f"{a}->{b}" for a, b in go.info["renamed"].items()))
+        say("matched through aliases: " + ", ".join(f"{a}->{b}" for a, b in go.info["renamed"].items()))
     genes = store.condition_genes()
     for w in cfg.partition.num_parts:
         if sum(1 for g in genes if g) < w:
-            print(f"W={w}: skipped (fewer perturbed conditions than parts)")
+            say(f"W={w}: skipped (fewer perturbed conditions than parts)")
             continue
         part, key = ensure_partition(
             store,
@@ -243,13 +265,14 @@ def cli_graph(args) -> int:
             w,
             cfg.partition.method,
             cfg.partition.seed,
-            args.split,
-            overwrite=args.overwrite,
+            split,
+            overwrite=overwrite,
         )
+        keys[f"part_W{w}"] = key
         halos = halo_sizes(go, part, genes, 1)
-        print(
+        say(
             f"partition       graphs/{key}: {part.summary()}; "
             f"1-hop GO halo/part {halos.min()}..{halos.max()} "
             f"of {go.num_nodes} nodes"
         )
-    return 0
+    return keys

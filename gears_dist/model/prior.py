@@ -289,20 +289,22 @@ def _combination_deltas(combos: Sequence[tuple[str, ...]], combo_deltas: np.ndar
         tests = [tests[j] for j in np.sort(rng.choice(len(tests), MAX_FIT_CONDITIONS, replace=False))]
     if not tests or not remainders:
         return {}, np.inf
-    best = (np.inf, np.inf)
+    errors = {}
     for w in COMBO_GRID:
-        err = 0.0
-        for i in tests:
+        err = np.zeros(len(tests))
+        for t, i in enumerate(tests):
             pred = np.zeros_like(combo_deltas[i])
             for g in combos[i]:
                 others = [r for j, r in remainders.get(g, []) if j != i]
                 pred += (w * seen_delta[g] + sum(others)) / (w + len(others)) if others and np.isfinite(w) \
                     else seen_delta[g]
-            err += float(np.mean((pred - combo_deltas[i]) ** 2))
-        if err < best[0] * (1 - 1e-9):
-            best = (err, w)
-    w = best[1]
-    if not np.isfinite(w):
+            err[t] = np.mean((pred - combo_deltas[i]) ** 2)
+        errors[w] = err
+    w = min(COMBO_GRID, key=lambda v: (errors[v].mean(), not np.isfinite(v)))
+    # One-standard-error rule: the evidence must beat the additive model by more than the noise of its own
+    # leave-one-out estimate (paired over the held-out combinations), or the additive model stays.
+    gain = errors[np.inf] - errors[w]
+    if not np.isfinite(w) or len(tests) < 2 or gain.mean() <= gain.std(ddof=1) / np.sqrt(len(tests)):
         return {}, np.inf
     return {g: (w * seen_delta[g] + sum(r for _, r in rs)) / (w + len(rs)) for g, rs in sorted(remainders.items())}, w
 

@@ -45,7 +45,6 @@ from gears_dist.tune.config import (
     apply_params,
     decode_params,
     encode_value,
-    load_tune_config,
 )
 
 STATE_FILE = "search.json"
@@ -661,14 +660,4 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def cli_tune(args) -> int:
-    """``gears-dist tune STORE --config C [--out DIR] [--address A] [--resume]``."""
-    tcfg = load_tune_config(args.config)
-    out = pathlib.Path(args.out or pathlib.Path("runs") / tcfg.name)
-    summary = run_search(tcfg, args.store, out, address=args.address, resume=args.resume)
-    print(f"gears-dist tune: output in {out} (summary.json, best/); MLflow parent run {summary['parent_run_id']} "
-          f"at {summary['tracking_uri']}")
-    return 0
-
-
-__all__ = ["cli_tune", "format_table", "objective", "run_search", "run_trial", "summarize", "trial_run_config"]
+__all__ = ["format_table", "objective", "run_search", "run_trial", "summarize", "trial_run_config"]
