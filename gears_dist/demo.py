@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import pathlib
 import time
 
@@ -95,6 +96,21 @@ def run_demo(out: str | pathlib.Path, config: str | pathlib.Path | None = None) 
     return 0
 
 
+def _where_beaten(record: dict) -> str:
+    """One line: per test category, the baselines that beat the model there (details in report.txt)."""
+    losses = record.get("beaten_on_test") or {}
+    if not losses:
+        return "on test the model is at least as good as every baseline in every category (pearson_delta, mse_de)"
+    parts = []
+    for cat, items in losses.items():
+        by = {}
+        for item in items:  # "name (metric value vs value)"
+            name, _, rest = item.partition(" (")
+            by.setdefault(name, []).append(rest.split(" ", 1)[0])
+        parts.append(f"{cat}: " + ", ".join(f"{n} ({'/'.join(ms)})" for n, ms in by.items()))
+    return "where a baseline beats the model on test: " + "; ".join(parts)
+
+
 def _print_evaluation(out: pathlib.Path, text: str, seconds: float) -> None:
     """mse_de per test category for the model and every baseline, the headline (chosen on validation), and
     where the rest is; `text` (what `gears-dist evaluate` printed: also where a baseline beats the model on
@@ -106,5 +122,6 @@ def _print_evaluation(out: pathlib.Path, text: str, seconds: float) -> None:
     (out / "report.txt").write_text(text)
     print(format_by_category(pd.read_csv(out / "metrics.csv"), "mse_de"))
     print(*(line for line in text.splitlines() if line.startswith("headline:")), sep="\n")
+    print(_where_beaten(json.loads((out / "metrics.json").read_text()).get("headline", {})))
     figures = sorted(out.rglob("*.png"))
     print(f"every metric, GI precision and {len(figures)} figures: {out / 'report.txt'} ({seconds:.1f} s)")

@@ -67,7 +67,11 @@ def test_mlflow_run_recorded(full_run):
     for key in ("val_mse_de", "cells_per_s", "step_time_ms", "peak_rss_mb"):
         assert key in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model", "config.json", "split.txt"} <= artifacts
+    assert {"model", "config.json", "split.txt", "summary.json", "figures"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/learning_curves.png"]
+    description = run.data.tags["mlflow.note.content"]
+    assert "**t**: GEARS (hidden 16)" in description and "best: epoch" in description, description
+    assert run.data.tags["config_name"] == "t" and run.data.tags["split"] == summary["split"]
     meta = ckpt.read_meta(ckpt.latest_checkpoint(run_dir / "checkpoints"))
     assert meta["mlflow_run_id"] == summary["mlflow_run_id"]
 

@@ -158,14 +158,12 @@ def format_summary(summary, metrics: Sequence[str] = ("pearson_delta", "mse_de")
 
 
 def plot_summary(summary, path: pathlib.Path, metrics: Sequence[str] = ("pearson_delta", "mse_de")) -> pathlib.Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # without pyplot: a notebook's backend stays as it is
 
     cats = sorted(summary["category"].unique(), key=lambda c: (c == "all", c))
     preds = list(dict.fromkeys(summary["predictor"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     width = 0.8 / max(1, len(preds))
     for ax, m in zip(axes[0], metrics):
         for j, p in enumerate(preds):
@@ -178,7 +176,6 @@ def plot_summary(summary, path: pathlib.Path, metrics: Sequence[str] = ("pearson
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

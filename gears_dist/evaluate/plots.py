@@ -1,4 +1,4 @@
-"""Evaluation figures (matplotlib, Agg backend, PNG files).
+"""Evaluation figures (matplotlib figures rendered straight to PNG files, without pyplot).
 
 - ``plot_top_de``: one condition's top-20 DE genes: the observed cells' change over the control
   mean as boxplots (cells read from the store's X rows of that condition only), the predicted
@@ -25,13 +25,25 @@ _GI_COLOURS = {"additive": "#bbbbbb", "synergy": "#d62728", "suppression": "#1f7
 _MARKERS = ("o", "D", "s", "^", "v", "P", "X")
 
 
-def _plt():
-    import matplotlib
+class _Figures:
+    """The two pyplot calls used here, on `matplotlib.figure.Figure` objects made without pyplot: rendering to
+    PNG needs no backend, so the process's backend is left alone (a notebook's inline figures keep showing after
+    `gd.train`, which saves learning curves) and no figure stays in pyplot's registry."""
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(*args, figsize=None, **kwargs):
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+    @staticmethod
+    def close(fig) -> None:
+        """Nothing to release: pyplot never saw the figure."""
+
+
+def _plt() -> type[_Figures]:
+    return _Figures
 
 
 def _colour(name: str, i: int) -> str:

@@ -128,40 +128,18 @@ def log_to_mlflow(table, artifacts: Sequence[str | os.PathLike] = (), *, run_id:
                   tracking_uri: str | None = None, experiment: str = "gears_dist-evaluate", run_name: str | None = None,
                   prefix: str = "test", extra_metrics: Mapping[str, float] | None = None,
                   artifact_path: str = "evaluation") -> str:
-    """Log metrics and files to an MLflow run (an existing one by id, or a new one); return the run id.
+    """Log the table's metrics (``mlflow_metrics``) and files to an MLflow run (an existing one by id, e.g. the
+    training run, or a new one); return the run id. The MLflow calls: gears_dist.train.tracking.log_to_run.
 
     The tracking URI defaults to $MLFLOW_TRACKING_URI (MLflow 3 refuses the file store: use
     ``sqlite:///path/mlflow.db``). Errors propagate: unlike training, evaluation was asked to log.
     """
-    import time
+    from gears_dist.train.tracking import log_to_run
 
-    import mlflow
-    from mlflow.entities import Metric
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise ValueError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///runs/x/mlflow.db) or set "
-                         "MLFLOW_TRACKING_URI")
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    if run_id is None:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
-        created = True
-    else:
-        client.get_run(run_id)  # fails clearly on an unknown id
-        created = False
     metrics = mlflow_metrics(table, prefix)
     metrics.update({k: float(v) for k, v in (extra_metrics or {}).items() if v is not None and not math.isnan(float(v))})
-    now = int(time.time() * 1000)
-    items = [Metric(k, v, now, 0) for k, v in sorted(metrics.items())]
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
-    for path in artifacts:
-        client.log_artifact(run_id, str(path), artifact_path)
-    if created:
-        client.set_terminated(run_id)
-    return run_id
+    return log_to_run(metrics, artifacts, run_id=run_id, tracking_uri=tracking_uri, experiment=experiment,
+                      run_name=run_name, artifact_path=artifact_path)
 
 
 def headline(val_table, test_table, model: str, metric: str = "mse_de") -> tuple[str, dict]:

@@ -38,7 +38,7 @@ from gears_dist.data.loader import ShardLoader, plan_shard
 from gears_dist.data.store import Store, atomic_write_text, open_store
 from gears_dist.train import checkpoint as ckpt
 from gears_dist.train.config import RunConfig, deepspeed_config
-from gears_dist.train.tracking import Tracker, flatten_params
+from gears_dist.train.tracking import Tracker, describe_run
 
 log = logging.getLogger("gears_dist.train")
 
@@ -196,7 +196,7 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
     import deepspeed
 
     from gears_dist.data.splits import load_split
-    from gears_dist.graphs.build import ensure_graphs, load_partition
+    from gears_dist.graphs.build import load_graph, load_partition
     from gears_dist.graphs.graph import perturbation_index
     from gears_dist.model.build import build_model
 
@@ -216,8 +216,8 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
     names = store.condition_names
     train_idx = condition_indices(names, split.train, "train")
     val_idx = condition_indices(names, split.val, "val")
-    bundle = ensure_graphs(store, cfg.graphs, keys["split"])
-    go, coexpr = bundle.go, bundle.coexpr
+    # prepare_run (the driver) built them: a worker only reads.
+    go, coexpr = load_graph(store, keys["go"]), load_graph(store, keys["coexpr"])
     pert_index = perturbation_index(go.nodes, store.condition_genes())
 
     part_of = None
@@ -517,11 +517,7 @@ def run_worker(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str | os.
         tracker = Tracker(cfg.tracking.enabled, cfg.tracking.uri, run_dir, cfg.tracking.experiment,
                           run_name=cfg.tracking.run_name or cfg.name, run_id=run_id)
         if tracker.active and run_id is None:
-            tracker.log_params(flatten_params(cfg_dict))
-            tracker.log_text(w.split.summary() + "\n", "split.txt")
-            tracker.log_text(json.dumps(cfg_dict, indent=1), "config.json")
-            tracker.set_tags({"split": w.keys["split"], "world_size": world_size, "sharding": cfg.sharding.mode,
-                              "direction_term": cfg.loss.direction})
+            tracker.start_training(cfg_dict, **_run_facts(w))
         run_id = tracker.run_id
         if run_id:
             print(f"gears-dist train: MLflow run {run_id} at {tracker.uri}", flush=True)
@@ -559,7 +555,7 @@ def run_worker(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str | os.
                                                  if k in ("train_loss", "val_mse", "val_mse_de",
                                                           "val_pearson_delta", "cells_per_s")), flush=True)
             if tracker is not None:
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                tracker.log_epoch(metrics, epoch)
         w.loader.epoch, w.loader.step = epoch + 1, 0
         meta = None
         if rank == 0:
@@ -594,16 +590,37 @@ def finish_run(w: Worker, best_state: dict | None, history: list, best: dict | N
         meta = {"config": to_dict(w.cfg), "metrics": final, "best": best, **_vocab_meta(w)}
         save_model(model_dir, full_state_dict(w) if best_state is None else best_state, meta)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+        figures = training_figures(history, run_dir / "figures")
         if tracker is not None:
-            tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=len(history))
-            tracker.log_artifact(model_dir / MODEL_FILE, "model")
-            tracker.log_artifact(model_dir / MODEL_META, "model")
-            tracker.log_artifact(run_dir / "summary.json")
-            tracker.finish()
+            tracker.finish_training(summary, model_files=[model_dir / MODEL_FILE, model_dir / MODEL_META],
+                                    files=[run_dir / "summary.json"], figures=figures,
+                                    description=describe_run(to_dict(w.cfg), result=summary, **_run_facts(w)))
         print(format_summary(summary), flush=True)
     elif best_state is None:
         full_state_dict(w)  # ZeRO-3: the gather is collective
     return summary
+
+
+def _run_facts(w: Worker) -> dict:
+    """What the run's MLflow description and tags say about its data."""
+    return {"store": str(w.store.path), "split": w.keys["split"], "split_summary": w.split.summary(),
+            "world_size": w.world_size,
+            "store_shape": f"{w.store.num_cells} cells x {w.store.num_genes} genes, {len(w.condition_names)} conditions"}
+
+
+def training_figures(history: list, out: pathlib.Path) -> list[pathlib.Path]:
+    """The figures training makes (rank 0, at the end): the learning curves, ``out/learning_curves.png``.
+    A figure that fails warns and is left out: figures never stop a run that trained."""
+    if not history:
+        return []
+    try:
+        from gears_dist.evaluate.plots import plot_learning_curves
+
+        return [plot_learning_curves(history, out / "learning_curves.png")]
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"the learning-curve figure failed ({type(exc).__name__}: {exc}); the run is saved without it",
+                      stacklevel=2)
+        return []
 
 
 def format_summary(summary: dict) -> str:

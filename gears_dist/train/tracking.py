@@ -5,10 +5,23 @@ the run directory (MLflow 3 refuses the old file store). Only the resolved confi
 parameters, never environment variables; values of keys that look like credentials are redacted.
 Tracking must never stop training: if MLflow becomes unreachable mid-run the tracker warns once and
 goes quiet.
+
+What a training run holds in MLflow (``Tracker.start_training`` / ``log_epoch`` / ``finish_training``):
+
+- a description (the ``mlflow.note.content`` tag, shown on the run page): config name, model kind, store,
+  split, workers; at the end, the best epoch and the final validation / test metrics;
+- tags: ``config_name``, ``model_kind``, ``store``, ``split``, ``world_size``, ``sharding``, ``direction_term``;
+- params: the flattened resolved config (``optim.lr``, ``model.hidden_size``, ...);
+- metrics: per epoch (step = epoch: ``train_loss``, ``val_mse_de``, ``lr``, ``cells_per_s``, ...) and
+  ``final_*`` (step = number of epochs);
+- artifacts: ``config.json``, ``split.txt``, ``model/`` (model.pt, model.json), ``summary.json`` and the
+  figures training made (``figures/learning_curves.png``). ``gears-dist evaluate`` adds its metrics and
+  ``evaluation/`` (tables, figures) to the same run through ``log_to_run``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -18,6 +31,7 @@ import warnings
 from typing import Any
 
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as the run's description
 
 
 def resolve_tracking_uri(uri: str | None, run_dir: str | os.PathLike) -> str:
@@ -29,6 +43,18 @@ def resolve_tracking_uri(uri: str | None, run_dir: str | os.PathLike) -> str:
     path = pathlib.Path(run_dir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def experiment_id(client, name: str, uri: str | None) -> str:
+    """The experiment's id, created if missing. With a SQLite store, a new experiment keeps its artifacts beside
+    the database (DB_DIR/mlartifacts), not in ./mlruns of whatever directory the process runs in."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri and uri.startswith("sqlite:///"):
+        location = (pathlib.Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
@@ -45,6 +71,45 @@ def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
         text = "" if data is None else str(data)
         out[prefix] = text[:6000]
     return out
+
+
+def model_kind(model_cfg: dict) -> str:
+    """A short name for the model a config trains, e.g. 'GEARS + GO prior (hidden 64)'."""
+    kind = "GEARS + GO prior" if model_cfg.get("prior") == "go" else "GEARS"
+    extras = [f"hidden {model_cfg.get('hidden_size')}"]
+    if model_cfg.get("uncertainty"):
+        extras.append("uncertainty")
+    if model_cfg.get("coexpr_mode") == "parity":
+        extras.append("reference-parity co-expression")
+    return f"{kind} ({', '.join(extras)})"
+
+
+def describe_run(cfg: dict, *, store: str, split: str, split_summary: str | None = None,
+                 store_shape: str | None = None, world_size: int = 1, result: dict | None = None) -> str:
+    """The run's description (Markdown): what was trained on what; with `result` (the training summary),
+    how it ended."""
+    name = cfg.get("name", "?")
+    train, sharding = cfg.get("train") or {}, cfg.get("sharding") or {}
+    headline = (f"**{name}**: {model_kind(cfg.get('model') or {})}, {train.get('epochs', '?')} epoch(s) on "
+                f"{world_size} worker(s) (sharding {sharding.get('mode', '?')}).")
+    lines = [headline, "",
+             f"- config: `{name}` (all fields under Parameters; the file: artifact config.json)",
+             f"- store: `{store}`" + (f" ({store_shape})" if store_shape else ""),
+             f"- split: `{split}`" + (f": {split_summary.splitlines()[0]}" if split_summary else "")]
+    if result:
+        best = result.get("best") or {}
+        if best.get("epoch") == -1:
+            lines.append(f"- best: the GO prior alone (val mse_de {best.get('score'):.4g})")
+        elif best:
+            lines.append(f"- best: epoch {best.get('epoch')} (val mse_de {best.get('score'):.4g})")
+        final = result.get("final") or {}
+        shown = [f"{k} {final[k]:.4g}" for k in ("val_mse_de", "test_mse", "test_mse_de", "test_pearson_delta")
+                 if isinstance(final.get(k), (int, float)) and not math.isnan(final[k])]
+        if shown:
+            lines.append("- final: " + ", ".join(shown))
+    lines.append("- artifacts: model/, config.json, split.txt, summary.json, figures/ "
+                 "(`gears-dist evaluate RUN_DIR` adds evaluation/)")
+    return "\n".join(lines)
 
 
 class Tracker:
@@ -66,9 +131,7 @@ class Tracker:
 
             self._client = mlflow.MlflowClient(tracking_uri=self.uri)
             if self.run_id is None:
-                exp = self._client.get_experiment_by_name(experiment)
-                exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(experiment)
-                run = self._client.create_run(exp_id, run_name=run_name)
+                run = self._client.create_run(experiment_id(self._client, experiment, self.uri), run_name=run_name)
                 self.run_id = run.info.run_id
             else:
                 self._client.update_run(self.run_id, status="RUNNING")
@@ -121,5 +184,82 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         self._call(lambda: self._client.log_text(self.run_id, text, name))
 
+    def set_description(self, text: str) -> None:
+        self.set_tags({DESCRIPTION_TAG: text})
+
+    def log_figures(self, paths, artifact_path: str = "figures") -> None:
+        for path in paths:
+            self.log_artifact(path, artifact_path)
+
+    # --- a training run, start to end (the loop calls these on rank 0) ---
+
+    def start_training(self, cfg: dict, *, store: str, split: str, split_summary: str, world_size: int,
+                       store_shape: str | None = None) -> None:
+        """A new training run: params (the flattened config), description, tags, config.json, split.txt."""
+        if not self.active:
+            return
+        self.log_params(flatten_params(cfg))
+        self.set_tags({"config_name": cfg.get("name", ""), "model_kind": model_kind(cfg.get("model") or {}),
+                       "store": store, "split": split, "world_size": world_size,
+                       "sharding": (cfg.get("sharding") or {}).get("mode", ""),
+                       "direction_term": (cfg.get("loss") or {}).get("direction", ""),
+                       DESCRIPTION_TAG: describe_run(cfg, store=store, split=split, split_summary=split_summary,
+                                                     store_shape=store_shape, world_size=world_size)})
+        self.log_text(split_summary + "\n", "split.txt")
+        self.log_text(json.dumps(cfg, indent=1), "config.json")
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+    def finish_training(self, summary: dict, *, model_files=(), files=(), figures=(), description: str | None = None,
+                        status: str = "FINISHED") -> None:
+        """The end of a training run: final_* metrics, the model files (under model/), other files, figures
+        (under figures/), the description with the result, and the run's status."""
+        if not self.active:
+            return
+        self.log_metrics({f"final_{k}": v for k, v in (summary.get("final") or {}).items()},
+                         step=len(summary.get("history") or []))
+        for path in model_files:
+            self.log_artifact(path, "model")
+        for path in files:
+            self.log_artifact(path)
+        self.log_figures(figures)
+        if description:
+            self.set_description(description)
+        self.finish(status)
+
     def finish(self, status: str = "FINISHED") -> None:
         self._call(lambda: self._client.set_terminated(self.run_id, status=status))
+
+
+def log_to_run(metrics: dict[str, float], artifacts=(), *, run_id: str | None = None, tracking_uri: str | None = None,
+               experiment: str = "gears_dist-evaluate", run_name: str | None = None,
+               artifact_path: str | None = "evaluation", step: int = 0) -> str:
+    """Log metrics (at `step`) and files (under `artifact_path`) to an existing run, or to a new, finished one in
+    `experiment`; return the run id. For commands asked to log (evaluation): errors propagate, unlike Tracker.
+
+    The tracking URI defaults to $MLFLOW_TRACKING_URI (MLflow 3 refuses the file store: use
+    ``sqlite:///path/mlflow.db``)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///runs/x/mlflow.db) or set "
+                         "MLFLOW_TRACKING_URI")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if run_id is None:
+        run_id = client.create_run(experiment_id(client, experiment, uri), run_name=run_name).info.run_id
+        created = True
+    else:
+        client.get_run(run_id)  # fails clearly on an unknown id
+        created = False
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path)
+    if created:
+        client.set_terminated(run_id)
+    return run_id

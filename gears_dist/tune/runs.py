@@ -34,8 +34,9 @@ def client(uri: str):
 
 
 def experiment_id(mlflow_client, name: str) -> str:
-    exp = mlflow_client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else mlflow_client.create_experiment(name)
+    from gears_dist.train.tracking import experiment_id as shared
+
+    return shared(mlflow_client, name, mlflow_client.tracking_uri)
 
 
 def create_parent(mlflow_client, exp_id: str, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
