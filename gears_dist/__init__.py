@@ -1,23 +1,24 @@
 """gears_dist: distributed, out-of-core training of GEARS on Perturb-seq screens of any size.
 
 The notebook API (``import gears_dist as gd``): `ingest`, `open_store`, `describe`, `simulate`, `train`,
-`load_run` and `Run`, defined in `gears_dist.api`. They are loaded on first use, so ``import gears_dist``
-stays cheap (no torch, Ray or Zarr until a function needs them).
+`tune`, `load_run`, `Run`, `Store` and `TuneResult`, defined in `gears_dist.api`. They are loaded on first use,
+so ``import gears_dist`` stays cheap (no torch, Ray or Zarr until a function needs them).
 
-``gd.train`` is also the name of the training package (``gears_dist.train.loop``, ``.config``, ...): Python
-binds a subpackage to its parent's attribute whenever it is imported, so a plain function of that name would
-be replaced by the package as soon as anything imported ``gears_dist.train.*``. Instead the package itself is
-made callable: ``gd.train(store, ...)`` calls `gears_dist.api.train`, and ``gears_dist.train.loop`` and every
-other import of the package work as before.
+``gd.train`` and ``gd.tune`` are also the names of packages (``gears_dist.train.loop``,
+``gears_dist.tune.search``, ...): Python binds a subpackage to its parent's attribute whenever it is imported, so
+a plain function of that name would be replaced by the package as soon as anything imported
+``gears_dist.train.*`` / ``gears_dist.tune.*``. Instead each package itself is made callable:
+``gd.train(store, ...)`` calls `gears_dist.api.train`, ``gd.tune(store, ...)`` calls `gears_dist.api.tune`, and
+``gears_dist.train.loop`` and every other import of the packages work as before.
 """
 
 import types as _types
 
 __version__ = "0.1.0"
 
-_API = ("Run", "describe", "ingest", "load_run", "open_store", "simulate")
+_API = ("Run", "Store", "TuneResult", "describe", "ingest", "load_run", "open_store", "simulate")
 
-__all__ = ["__version__", "train", *_API]
+__all__ = ["__version__", "train", "tune", *_API]
 
 
 def __getattr__(name: str):
@@ -34,24 +35,30 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API))
 
 
-class _TrainPackage(_types.ModuleType):
-    """The `gears_dist.train` package, callable as `gears_dist.api.train`."""
+class _CallablePackage(_types.ModuleType):
+    """A subpackage (`gears_dist.train`, `gears_dist.tune`) callable as the `gears_dist.api` function of its name."""
+
+    def _api_function(self):
+        from gears_dist import api
+
+        return getattr(api, self.__name__.rpartition(".")[2])
 
     def __call__(self, *args, **kwargs):
-        """Train GEARS on a store; returns a `gears_dist.api.Run`. See ``help(gears_dist.api.train)``."""
-        from gears_dist.api import train
-
-        return train(*args, **kwargs)
+        """Calls `gears_dist.api.<name>`: ``gd.train(store, ...)`` returns a `gears_dist.api.Run`,
+        ``gd.tune(store, ...)`` a `gears_dist.api.TuneResult`. See ``help(gears_dist.api.train)`` / ``.tune``."""
+        return self._api_function()(*args, **kwargs)
 
     @property
     def __signature__(self):  # inspect.signature(gd.train), notebook call tips
         import inspect
 
-        from gears_dist.api import train
-
-        return inspect.signature(train)
+        return inspect.signature(self._api_function())
 
 
-from gears_dist import train  # noqa: E402 - the package's __init__ is a docstring: no torch imported here
+_TrainPackage = _CallablePackage  # the earlier name
 
-train.__class__ = _TrainPackage
+# the packages' __init__ modules are docstrings: no torch or Ray imported here
+from gears_dist import train, tune  # noqa: E402
+
+train.__class__ = _CallablePackage
+tune.__class__ = _CallablePackage

@@ -7,11 +7,15 @@ The same pipeline as the ``gears-dist`` command line, as functions that take and
 
     adata = gd.simulate("demo")                        # or: anndata.read_h5ad("screen.h5ad")
     store = gd.ingest(adata, "screen.zarr")            # or: gd.ingest("screen.h5ad", "screen.zarr")
+    split = store.split("simulation", seed=1)          # saved in the store, as gears-dist split
+    graphs = store.build_graphs("demo", split=split)   # the GO / co-expression graphs, as gears-dist graph
     print(gd.describe(store))
     run = gd.train(store, "demo", train__epochs=2)     # preset configs/demo.yaml, one override
     run.history                                        # pandas DataFrame, one row per epoch
     pred = run.predict(["KLF1+MAP2K6", "CEBPE"])       # AnnData: X = predicted mean, layers['delta']
     run.evaluate()                                     # pandas DataFrame: model and baselines per category
+    search = gd.tune(store, "tune_demo", num_trials=4) # Ray Tune search, as gears-dist tune
+    search.trials                                      # pandas DataFrame: the trials, ranked
 
 Conventions: errors are exceptions (`ValueError` / `TypeError` naming what was expected and what was
 received; `gears_dist.config.ConfigError` is a `ValueError`), warnings go through `warnings`, and nothing here
@@ -39,11 +43,17 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
     import anndata
     import pandas
 
-    from gears_dist.data.store import Store
+    from gears_dist.data.splits import Split
+    from gears_dist.data.store import Store as DataStore
     from gears_dist.evaluate.predict import TrainedPredictor
+    from gears_dist.graphs.build import GraphBundle
+    from gears_dist.graphs.config import GraphConfig
     from gears_dist.train.config import RunConfig
+    from gears_dist.tune.config import TuneConfig
 
-__all__ = ["Run", "describe", "ingest", "load_run", "open_store", "simulate", "train"]
+    Store = DataStore  # for type checkers; at run time `Store` is the subclass `_store_class` makes
+
+__all__ = ["Run", "Store", "TuneResult", "describe", "ingest", "load_run", "open_store", "simulate", "train", "tune"]
 
 PathLike = str | os.PathLike
 
@@ -224,8 +234,8 @@ def ingest(source: PathLike | anndata.AnnData, store_path: PathLike, *, conditio
 
     Returns
     -------
-    gears_dist.data.store.Store
-        The opened store (see `describe`).
+    Store
+        The opened store (see `describe`, `Store.split`, `Store.build_graphs`).
 
     Notes
     -----
@@ -251,7 +261,7 @@ def ingest(source: PathLike | anndata.AnnData, store_path: PathLike, *, conditio
             raise TypeError(f"{name}: expected a column name (str) or None, received {kwargs[name]!r}")
     _register_order(order)
     if isinstance(source, (str, os.PathLike)):
-        return _ingest.ingest(source, store_path, **kwargs)
+        return open_store(_ingest.ingest(source, store_path, **kwargs))
 
     import anndata
 
@@ -260,7 +270,7 @@ def ingest(source: PathLike | anndata.AnnData, store_path: PathLike, *, conditio
                         f"{_type_name(source)}")
     if source.isbacked and not source.is_view:
         if _backed_file_matches(source):
-            return _ingest.ingest(source.filename, store_path, **kwargs)
+            return open_store(_ingest.ingest(source.filename, store_path, **kwargs))
         warnings.warn(f"ingest: the backed AnnData's obs or var differ from its file {str(source.filename)!r} "
                       f"(changed in memory); ingesting a temporary copy of it (costs a full write of the data)",
                       stacklevel=2)
@@ -282,32 +292,277 @@ def ingest(source: PathLike | anndata.AnnData, store_path: PathLike, *, conditio
     return open_store(store.path)
 
 
-def open_store(path: PathLike | Store, mode: str = "r") -> Store:
+def open_store(path: PathLike | DataStore, mode: str = "r") -> Store:
     """Open (and validate) a gears_dist store.
 
     Parameters
     ----------
     path : str, os.PathLike or Store
-        The store directory (a `Store` is returned as is when `mode` is ``"r"``).
+        The store directory (an API `Store` is returned as is when `mode` is ``"r"``; a
+        `gears_dist.data.store.Store` is opened again as an API `Store`).
     mode : str
-        ``"r"`` (read) or ``"r+"`` (also add splits and graphs).
+        ``"r"`` (read) or ``"r+"`` (read and write). `Store.split` and `Store.build_graphs` add components in
+        either mode.
 
     Returns
     -------
-    gears_dist.data.store.Store
+    Store
+        A `gears_dist.data.store.Store` with `Store.split` and `Store.build_graphs`.
 
     Raises
     ------
     gears_dist.data.store.StoreError
         The path is not a complete store of a schema this version reads; the message says how to fix it.
     """
-    from gears_dist.data.store import Store, open_store as _open
+    from gears_dist.data.store import Store as _DataStore
 
     if mode not in ("r", "r+"):
         raise ValueError(f"mode: expected 'r' or 'r+', received {mode!r}")
-    if isinstance(path, Store):
-        return path if mode == "r" else _open(path.path, mode)
-    return _open(_as_path(path, "path"), mode)
+    cls = _store_class()
+    if isinstance(path, cls) and mode == "r":
+        return path
+    if isinstance(path, _DataStore):
+        return cls(path.path, mode)
+    return cls(_as_path(path, "path"), mode)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the store: splits and graphs
+# ----------------------------------------------------------------------------------------------------
+# `Store` is a subclass of the data layer's `gears_dist.data.store.Store` made on first use, so that importing
+# this module does not import Zarr. It lives here, not in gears_dist.data: building graphs needs
+# gears_dist.graphs (a layer above data), and gears_dist.data.splits imports gears_dist.data.store, so
+# neither method can be defined on the data-layer class without an upward import or an import cycle (see
+# tests/test_cli_api.py::test_no_import_cycles_and_layers_point_down).
+_STORE_CLASS: type | None = None
+
+
+def __getattr__(name: str) -> Any:  # gears_dist.api.Store, made on first use
+    if name == "Store":
+        return _store_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _store_class() -> type:
+    global _STORE_CLASS
+    if _STORE_CLASS is None:
+        from gears_dist.data.store import Store as _DataStore
+
+        _STORE_CLASS = type("Store", (_DataStore,), {
+            "__module__": __name__, "__qualname__": "Store", "__doc__": _STORE_DOC,
+            "split": _store_split, "build_graphs": _store_build_graphs})
+        globals()["Store"] = _STORE_CLASS
+    return _STORE_CLASS
+
+
+_STORE_DOC = """A gears_dist store opened by `open_store` or `ingest`: a `gears_dist.data.store.Store` (cells, genes,
+conditions, ``read_x_rows``, ``components``, ...) that also makes splits and graphs in place.
+
+Methods
+-------
+split(kind="simulation", seed=1, ...)
+    A train/val/test split of the conditions, saved in the store (``gears-dist split``).
+build_graphs(config=None, split=None, ...)
+    The GO and co-expression graphs and worker partitions, saved in the store (``gears-dist graph``).
+
+Both write into the store directory whatever `mode` it was opened with (new components only, atomically; the
+expression data are never changed), and the object's manifest, ``repr`` and `describe` show them at once.
+"""
+
+
+def _reload_manifest(store: DataStore) -> None:
+    from gears_dist.data.store import MANIFEST
+
+    store.manifest = json.loads((store.path / MANIFEST).read_text())
+
+
+def _read_custom_split(custom: Any) -> dict | None:
+    if custom is None or isinstance(custom, Mapping):
+        return None if custom is None else {str(k): list(v) for k, v in custom.items()}
+    p = _as_path(custom, "custom")
+    if not p.is_file():
+        raise ValueError(f"custom: split file {str(p)!r} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"custom: split file {str(p)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, Mapping):  # the file's content is the bad value, not an argument
+        raise ValueError(f"custom: split file {str(p)!r} holds {_type_name(data)}, expected an object "  # noqa: TRY004
+                         f"{{train: [...], val: [...], test: [...]}}")
+    return dict(data)
+
+
+def _store_split(self: DataStore, kind: str = "simulation", seed: int = 1, *, name: str | None = None,
+                 custom: Mapping[str, Sequence[str]] | PathLike | None = None, train_gene_frac: float = 0.75,
+                 combo_seen2_train_frac: float = 0.75, overwrite: bool = False) -> Split:
+    """Make a condition-level train/val/test split and save it in the store: ``gears-dist split``.
+
+    Parameters
+    ----------
+    kind : str
+        ``"simulation"`` (GEARS' default), ``"single"``, ``"combo_seen0"``, ``"combo_seen1"``,
+        ``"combo_seen2"``, ``"no_test"`` or ``"custom"`` (see `gears_dist.data.splits`).
+    seed : int
+        The split is a function of the store's conditions, `kind`, `seed` and the fractions.
+    name : str, optional
+        Key to save it under (default ``"<kind>_seed<seed>"``, the key training looks for with
+        ``data.split_kind`` / ``data.split_seed``).
+    custom : dict or str or os.PathLike, optional
+        For ``kind="custom"``: ``{"train": [...], "val": [...], "test": [...]}`` of condition names, or a JSON
+        file holding it.
+    train_gene_frac : float
+        Fraction of the perturbed genes that are "seen" (in (0, 1]).
+    combo_seen2_train_frac : float
+        Fraction of the seen-seen combinations that train (in (0, 1]).
+    overwrite : bool
+        Replace a different split already saved under the key.
+
+    Returns
+    -------
+    gears_dist.data.splits.Split
+        The saved split (``train``, ``val``, ``test``, ``excluded``, ``categories``; ``key``: where it is
+        saved). Pass it (or its key) to `build_graphs` and as ``data__split=split.key`` to `train`.
+
+    Raises
+    ------
+    ValueError
+        An unknown kind, a fraction out of range, a bad custom split; or the key holds a different split and
+        not `overwrite` (making the same split again returns the saved one).
+    TypeError
+        Arguments of the wrong type.
+    """
+    from gears_dist.data.splits import load_split, make_split, save_split, split_key
+    from gears_dist.data.store import Store as _DataStore
+    from gears_dist.data.store import StoreError
+
+    if not isinstance(kind, str):
+        raise TypeError(f"kind: expected a split kind (str), received {_type_name(kind)} ({kind!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an integer, received {_type_name(seed)} ({seed!r})")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name: expected a key (str) or None, received {_type_name(name)} ({name!r})")
+    for field, v in (("train_gene_frac", train_gene_frac), ("combo_seen2_train_frac", combo_seen2_train_frac)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{field}: expected a number in (0, 1], received {_type_name(v)} ({v!r})")
+    if custom is not None and kind != "custom":
+        raise ValueError(f"custom: only used with kind='custom', received kind {kind!r}")
+    if custom is None and kind == "custom":
+        raise ValueError("custom: kind='custom' needs custom={'train': [...], 'val': [...], 'test': [...]} (condition "
+                         "names) or the path of a JSON file holding it")
+    split = make_split(self.condition_names, kind, seed, custom=_read_custom_split(custom),
+                       train_gene_frac=float(train_gene_frac), combo_seen2_train_frac=float(combo_seen2_train_frac))
+    key = name or split_key(kind, seed)
+    _reload_manifest(self)
+    if self.has_component("splits", key) and not overwrite:
+        saved = load_split(self, key)
+        if saved == split:
+            return saved
+        raise StoreError(f"store {str(self.path)!r} already has a different split {key!r} "
+                         f"({saved.kind}, seed {saved.seed}, params {saved.params}); pass overwrite=True to replace "
+                         f"it or choose another name")
+    writer = _DataStore(self.path, "r+")
+    save_split(writer, split, key, overwrite=overwrite)
+    self.manifest = writer.manifest
+    return load_split(self, key)
+
+
+def _graph_config(config: Any) -> GraphConfig:
+    """A GraphConfig from None (defaults), a GraphConfig, a RunConfig (its graphs), a graphs section (mapping or
+    YAML holding only it) or a training config in any form `resolve_config` takes (its graphs section)."""
+    from gears_dist.config import from_dict
+    from gears_dist.graphs.config import GraphConfig
+    from gears_dist.train.config import RunConfig
+
+    if config is None:
+        return GraphConfig()
+    if isinstance(config, GraphConfig):
+        return dataclasses.replace(config)
+    if isinstance(config, RunConfig):
+        return dataclasses.replace(config.graphs)
+    try:
+        data = _config_data(config)
+    except TypeError:
+        raise TypeError(f"config: expected None, a GraphConfig, a RunConfig, a preset name, a YAML path or a dict, "
+                        f"received {_type_name(config)} ({config!r})") from None
+    fields = {f.name for f in dataclasses.fields(GraphConfig)}
+    if data and "graphs" not in data and set(data) <= fields:
+        return from_dict(GraphConfig, data, "graphs")
+    return resolve_config(data).graphs
+
+
+def _store_build_graphs(self: DataStore, config: Any = None, split: str | Split | None = None, *,
+                        parts: int | Sequence[int] | None = None, method: str | None = None,
+                        overwrite: bool = False) -> GraphBundle:
+    """Build the GO and co-expression graphs and the worker partitions into the store: ``gears-dist graph``.
+
+    What is already stored for the same parameters is loaded, not rebuilt (unless `overwrite`); training
+    (`train`) reuses them the same way.
+
+    Parameters
+    ----------
+    config : GraphConfig, RunConfig, str, os.PathLike or dict, optional
+        The ``graphs`` parameters: None (the defaults), a `gears_dist.graphs.config.GraphConfig`, or a training
+        config in any form `train` takes (a preset name such as ``"demo"``, a YAML path, a dict or a
+        RunConfig; its ``graphs`` section is used), or a dict / YAML holding only a graphs section.
+    split : str or Split, optional
+        The split (its key, or a `Split` returned by `split`) whose training cells feed the co-expression
+        graph; None: every control and single-gene condition. Training builds its graphs with its own split,
+        so pass that split to prepare what a run will read.
+    parts : int or list of int, optional
+        Worker counts W to partition the conditions for (default: the config's ``partition.num_parts``).
+    method : str, optional
+        Partition method, ``"metis"``, ``"contiguous"`` or ``"random"`` (default: the config's).
+    overwrite : bool
+        Rebuild the graphs and partitions even when stored.
+
+    Returns
+    -------
+    gears_dist.graphs.build.GraphBundle
+        ``go`` and ``coexpr`` (`gears_dist.graphs.graph.GeneGraph`: ``nodes``, ``num_edges``, ...) and ``keys``:
+        the stored components, ``{"go": ..., "coexpr": ..., "part_W<W>": ...}`` (partitions skipped for too
+        few conditions are absent).
+
+    Raises
+    ------
+    gears_dist.data.store.StoreError
+        (a ValueError) The store has no split `split`.
+    gears_dist.config.ConfigError
+        (a ValueError) A bad config field (named).
+    ValueError
+        An unknown partition method.
+    TypeError
+        Arguments of the wrong type.
+    """
+    from gears_dist.data.splits import Split as _Split
+    from gears_dist.data.store import StoreError
+    from gears_dist.graphs.build import GraphBundle as _Bundle
+    from gears_dist.graphs.build import build_graphs as _build
+    from gears_dist.graphs.build import load_graph
+
+    cfg = _graph_config(config)
+    if isinstance(split, _Split):
+        if split.key is None:
+            raise ValueError("split: this Split is not saved in a store (no key); save it with store.split(...) "
+                             "and pass what that returns, or pass a split key")
+        split = split.key
+    if split is not None and not isinstance(split, str):
+        raise TypeError(f"split: expected a split key (str), a Split or None, received {_type_name(split)} "
+                        f"({split!r})")
+    if isinstance(parts, int) and not isinstance(parts, bool):
+        parts = [parts]
+    if parts is not None:
+        parts = list(parts)
+        if not parts or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in parts):
+            raise ValueError(f"parts: expected positive worker counts, e.g. [2, 4], received {parts!r}")
+    if method is not None and not isinstance(method, str):
+        raise TypeError(f"method: expected a partition method name (str) or None, received {method!r}")
+    _reload_manifest(self)
+    if split is not None and not self.has_component("splits", split):
+        raise StoreError(f"split: store {str(self.path)!r} has no split {split!r} (has "
+                         f"{sorted(self.components('splits'))}); make it with store.split(...)")
+    keys = _build(self.path, config=cfg, split=split, parts=parts, method=method, overwrite=overwrite, echo=False)
+    _reload_manifest(self)
+    return _Bundle(load_graph(self, keys["go"]), load_graph(self, keys["coexpr"]), keys)
 
 
 def describe(store: PathLike | Store) -> str:
@@ -443,32 +698,41 @@ def _leaf_fields(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _check_override(dotted: str) -> None:
-    """Raise ConfigError naming `dotted` when it is not a field of RunConfig (free-form dict fields, such as
-    deepspeed.extra, accept any key below them)."""
+def _check_override(dotted: str, root: type | None = None) -> Any:
+    """Raise ConfigError naming `dotted` when it is not a field of `root` (default RunConfig; free-form dict
+    fields, such as deepspeed.extra, accept any key below them). Returns the field's type (None below a
+    free-form dict)."""
     from gears_dist.config import ConfigError
     from gears_dist.train.config import RunConfig
 
+    root = root or RunConfig
     parts = dotted.split(".")
-    cls: type | None = RunConfig
+    cls: type | None = root
     for i, part in enumerate(parts):
         here = ".".join(parts[:i])
         if cls is None:
             raise ConfigError(f"override {dotted!r}: {here!r} is a value, not a section; it has no field {part!r}")
         fields = _field_types(cls)
         if part not in fields:
-            leaves = _leaf_fields(RunConfig)
+            leaves = _leaf_fields(root)
             close = [p for p in leaves if p.rsplit(".", 1)[-1] == parts[-1]]
             close = close or difflib.get_close_matches(dotted, leaves, n=3)
             hint = (" did you mean " + " or ".join(f"{c!r} (keyword {c.replace('.', '__')})" for c in close) + "?"
                     if close else "")
-            where = f"section {here!r}" if here else "the run config"
+            where = f"section {here!r}" if here else ("the run config" if root is RunConfig else
+                                                          f"the {root.__name__}")
             raise ConfigError(f"unknown config field {dotted!r}: {where} has no field {part!r}; known fields there: "
                               f"{sorted(fields)}.{hint}")
         tp = fields[part]
-        if _section_class(tp) is None and _is_mapping_type(tp):
-            return  # a free-form mapping: any key below it
+        if _is_mapping_type(tp):
+            return None if i < len(parts) - 1 else tp  # a free-form mapping: any key below it
         cls = _section_class(tp)
+    return tp
+
+
+def _is_section(tp: Any) -> bool:
+    """A field holding a config section (a dataclass), not a plain value or a free-form mapping."""
+    return tp is not None and not _is_mapping_type(tp) and _section_class(tp) is not None
 
 
 def _nested(dotted: str, value: Any) -> dict:
@@ -620,6 +884,255 @@ def train(store: PathLike | Store, config: Any = "demo", *, out: PathLike | None
             if run_dir.is_dir():  # what train_with_ray writes for every run
                 (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     return Run(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# hyperparameter search
+# ----------------------------------------------------------------------------------------------------
+def available_searches() -> list[str]:
+    """Names of the search presets (``configs/tune_<name>.yaml``)."""
+    d = _config_dir()
+    return sorted(p.stem for p in d.glob("tune_*.yaml")) if d.is_dir() else []
+
+
+def _search_data(search_config: Any) -> tuple[dict, str | None]:
+    """Plain data of a search config and the directory its relative ``base`` is resolved against."""
+    from gears_dist.config import load_yaml, to_dict
+    from gears_dist.tune.config import TuneConfig
+
+    if isinstance(search_config, TuneConfig):
+        data = to_dict(search_config)
+        return {k: v for k, v in data.items() if k != "source_dir"}, search_config.source_dir
+    if isinstance(search_config, Mapping):
+        data = json.loads(json.dumps(dict(search_config), default=_no_json))  # a deep copy; a RunConfig base -> dict
+        return data, data.pop("source_dir", None)
+    if isinstance(search_config, (str, os.PathLike)):
+        text = os.fspath(search_config)
+        path = pathlib.Path(text)
+        if not (path.suffix in (".yaml", ".yml") or path.is_file() or os.sep in text):
+            names = [text] if text.startswith("tune_") else [f"tune_{text}", text]
+            found = [_config_dir() / f"{n}.yaml" for n in names if n.startswith("tune_")]
+            found = [f for f in found if f.is_file()]
+            if not found:
+                raise ValueError(f"search_config: {text!r} is neither a YAML file nor a search preset; presets: "
+                                 f"{available_searches()} (configs/tune_<name>.yaml), or pass a path, a dict or a "
+                                 f"TuneConfig")
+            path = found[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"search_config: {str(path)!r} does not exist")
+        data = load_yaml(path)
+        if "source_dir" in data:
+            from gears_dist.config import ConfigError
+
+            raise ConfigError("source_dir: set by the loader (the YAML file's directory); remove it from the file")
+        return data, str(path.resolve().parent)
+    raise TypeError(f"search_config: expected a search preset name, a YAML path, a dict or a TuneConfig, received "
+                    f"{_type_name(search_config)} ({search_config!r})")
+
+
+def _assign(data: dict, dotted: str, value: Any, merge: bool) -> dict:
+    """`data` with the field at `dotted` set to `value` (merged into it when `merge` and both are mappings)."""
+    from gears_dist.config import deep_merge
+
+    parts = dotted.split(".")
+    out = dict(data)
+    here = out
+    for i, part in enumerate(parts[:-1]):
+        below = here.get(part)
+        if below is not None and not isinstance(below, Mapping):
+            from gears_dist.config import ConfigError
+
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {dotted!r}: {where!r} is {below!r}, not a section; set {where!r} itself")
+        here[part] = dict(below or {})
+        here = here[part]
+    last = parts[-1]
+    if merge and isinstance(value, Mapping) and isinstance(here.get(last), Mapping):
+        here[last] = deep_merge(dict(here[last]), dict(value))
+    else:
+        here[last] = value
+    return out
+
+
+def resolve_search_config(search_config: Any, **overrides: Any) -> TuneConfig:
+    """The validated `gears_dist.tune.config.TuneConfig` that `tune` would run.
+
+    Parameters
+    ----------
+    search_config : str, os.PathLike, dict or TuneConfig
+        A search preset name (``"tune_demo"`` or ``"demo"``: ``configs/tune_demo.yaml``, see
+        `available_searches`), a YAML path (its relative ``base`` is resolved against the file's directory),
+        a mapping like the YAML (``base`` may be a training config dict or RunConfig; a relative base path is
+        resolved against the working directory), or a TuneConfig (not modified).
+    **overrides
+        Fields of the search config, ``__`` for the dots: ``num_trials=2``, ``scheduler__max_epochs=2``,
+        ``resources__num_workers=2``, ``overrides={"train": {"log_every": 1000}}``. A keyword replaces the
+        field's value (``space={...}`` is the whole space), except that a dict given for a section
+        (``scheduler``, ``resources``, ``tracking``) is merged into it.
+
+    Raises
+    ------
+    gears_dist.config.ConfigError
+        (a ValueError) An unknown field (named) or a bad value, including values of the training config the
+        space would produce (checked at load, as ``gears-dist tune`` does).
+    TypeError
+        `search_config` of the wrong type.
+    """
+    from gears_dist.tune.config import TuneConfig, tune_config_from_dict
+
+    data, source_dir = _search_data(search_config)
+    if not overrides and isinstance(search_config, TuneConfig):
+        return search_config
+    for key, value in overrides.items():
+        dotted = key.replace("__", ".")
+        if dotted == "source_dir":
+            raise TypeError("source_dir: set from where the search config was read; not an override")
+        tp = _check_override(dotted, TuneConfig)
+        data = _assign(data, dotted, value, merge=_is_section(tp))
+    return tune_config_from_dict(data, source_dir=source_dir)
+
+
+def tune(store: PathLike | DataStore, search_config: Any = "tune_demo", *, out: PathLike | None = None,
+         address: str | None = None, resume: bool = False, **overrides: Any) -> TuneResult:
+    """Hyperparameter search: the same search as ``gears-dist tune``.
+
+    Ray Tune (ASHA early stopping, Optuna TPE or random search) over full training runs (Ray Train +
+    DeepSpeed, one run per trial), each trial an MLflow child run of one parent run per search.
+
+    Parameters
+    ----------
+    store : str, os.PathLike or Store
+        A store from `ingest`. The splits and graphs the trials read are built into it before the first trial.
+    search_config : str, os.PathLike, dict or TuneConfig
+        A search preset name (``"tune_demo"``: ``configs/tune_demo.yaml``), a YAML path, a mapping like the
+        YAML or a TuneConfig; see `resolve_search_config`.
+    out : str or os.PathLike, optional
+        Search directory (default: ``runs/<search name>`` under the working directory, as the command line).
+        It must not hold a search already, unless `resume`.
+    address : str, optional
+        Ray cluster address (default: ``$RAY_ADDRESS``, else a local Ray, which stays up after the search; stop
+        it with ``ray.shutdown()``).
+    resume : bool
+        Continue the interrupted search in `out` (``Tuner.restore``).
+    **overrides
+        Search config fields to change, ``__`` for the dots, e.g. ``num_trials=4, scheduler__max_epochs=2``
+        (see `resolve_search_config`).
+
+    Returns
+    -------
+    TuneResult
+        The search directory: ``trials`` (a DataFrame, ranked best first), ``best`` (the best trial, its value,
+        parameters and config), ``best_config`` (its RunConfig, for `train`), ``summary``.
+
+    Raises
+    ------
+    gears_dist.config.ConfigError
+        (a ValueError) An unknown search config field (named) or a bad value.
+    gears_dist.data.store.StoreError
+        (a ValueError) `store` is not a store.
+    ValueError
+        `out` already holds a search (and not `resume`), or `resume` without a search to continue.
+    TypeError
+        Arguments of the wrong type.
+
+    Notes
+    -----
+    Tune prints its progress and the ranked table at the end, as on the command line. A failed trial is
+    recorded as failed (``status`` ``"failed"``, ``error``) and the search goes on.
+    """
+    from gears_dist.tune.search import run_search
+
+    store_path = open_store(store).path  # a bad store fails here, before a search directory exists
+    tcfg = resolve_search_config(search_config, **overrides)
+    if address is not None and not isinstance(address, str):
+        raise TypeError(f"address: expected a Ray address (str) or None, received {address!r}")
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume: expected True or False, received {resume!r}")
+    out_dir = _as_path(out, "out") if out is not None else pathlib.Path("runs") / tcfg.name
+    run_search(tcfg, store_path, out_dir, address=address, resume=resume)
+    return TuneResult(out_dir)
+
+
+class TuneResult:
+    """A hyperparameter search directory (`tune` / ``gears-dist tune --out``): its trials, ranked, and the best.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The search directory (it holds ``summary.json`` once the search has ended or was interrupted).
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = _as_path(path, "path")
+        if not (self.path / "summary.json").is_file():
+            raise ValueError(f"{str(self.path)!r} holds no finished search (no summary.json, written by gd.tune or "
+                             f"gears-dist tune when the search ends)")
+
+    def __repr__(self) -> str:
+        s = self.summary
+        best = s.get("best") or {}
+        return (f"TuneResult({str(self.path)!r}, trials={s.get('num_trials')}, metric={s.get('metric')!r}, "
+                f"best_trial={best.get('trial_id')!r}, best_value={best.get('value')!r}"
+                + (", interrupted=True" if self.interrupted else "") + ")")
+
+    @property
+    def summary(self) -> dict:
+        """summary.json: ``name``, ``metric``, ``mode``, ``max_epochs``, ``trials`` (ranked), ``best``,
+        ``parent_run_id``, ``tracking_uri``, ``experiment_id``."""
+        return json.loads((self.path / "summary.json").read_text())
+
+    @property
+    def trials(self) -> pandas.DataFrame:
+        """One row per trial, ranked best first (index ``rank``): ``trial_id``, ``status`` (completed,
+        early_stopped, failed, interrupted), ``epochs``, ``best`` and ``best_epoch`` (the metric's best value
+        and its epoch), ``last``, ``error``, ``checkpoint``, and one column per searched parameter (its dotted
+        name, e.g. ``optim.lr``)."""
+        import pandas as pd
+
+        rows = [{**{k: v for k, v in r.items() if k != "params"}, **(r.get("params") or {})}
+                for r in self.summary.get("trials", [])]
+        df = pd.DataFrame(rows)
+        return df.set_index("rank") if "rank" in df.columns else df
+
+    @property
+    def best(self) -> dict | None:
+        """The best trial (best/best.json): ``trial_id``, ``value``, ``epoch``, ``params``, ``config`` (its
+        training YAML), ``trial_dir``, ``model`` or ``checkpoint``, ``mlflow_run_id``; None when no trial
+        reported a finite metric (or the search was interrupted)."""
+        return self.summary.get("best")
+
+    @property
+    def best_config(self) -> RunConfig | None:
+        """The best trial's training config (best/config.yaml): train it on more data or longer with
+        ``gd.train(store, search.best_config, ...)``."""
+        best = self.best
+        return None if not best else resolve_config(pathlib.Path(best["config"]))
+
+    @property
+    def interrupted(self) -> bool:
+        """The search was stopped before all its trials ended; continue it with ``gd.tune(..., resume=True)``."""
+        s = self.summary
+        return bool(s.get("interrupted")) or any(r.get("status") == "interrupted" for r in s.get("trials", []))
+
+    @property
+    def mlflow_parent_run_id(self) -> str | None:
+        """The search's MLflow parent run (each trial is a child run of it)."""
+        return self.summary.get("parent_run_id")
+
+    @property
+    def mlflow_tracking_uri(self) -> str | None:
+        return self.summary.get("tracking_uri")
+
+    def best_run(self) -> Run:
+        """The best trial's training run directory as a `Run` (``predict``, ``evaluate``, ``history``)."""
+        best = self.best
+        if not best:
+            raise ValueError(f"search {str(self.path)!r} has no best trial (no trial reported a finite metric)")
+        return Run(best["trial_dir"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -257,3 +257,258 @@ def test_load_run_errors(tmp_path):
 def test_describe_trained_store(run, tiny_train_store):
     text = gd.describe(run.predictor().store.path)
     assert tiny_train_store["split"] in text and "go graph" in text and "coexpression graph" in text
+
+
+# -- store.split / store.build_graphs: the CLI's split and graph ------------------------------------
+def _fresh_store_copy(tiny_train_store, dest):
+    """A copy of the tiny store without its splits and graphs."""
+    import json
+
+    path = shutil.copytree(tiny_train_store["path"], dest)
+    for kind in ("splits", "graphs"):
+        shutil.rmtree(path / kind, ignore_errors=True)
+    m = json.loads((path / "manifest.json").read_text())
+    m["components"] = {}
+    (path / "manifest.json").write_text(json.dumps(m))
+    return path
+
+
+def _arrays(store, kind, key):
+    return {name: np.asarray(arr[...]) for name, arr in store.component(kind, key).arrays()}
+
+
+def test_store_split_equals_cli_split(tiny_train_store, tmp_path, capsys):
+    import json
+
+    from gears_dist.cli import main
+    from gears_dist.data.splits import load_split, make_split
+
+    cli_path = _fresh_store_copy(tiny_train_store, tmp_path / "cli.zarr")
+    api_path = _fresh_store_copy(tiny_train_store, tmp_path / "api.zarr")
+    assert main(["split", str(cli_path), "--kind", "simulation", "--seed", "7", "--train-gene-frac", "0.6",
+                 "--name", "mine"]) == 0
+    capsys.readouterr()
+    store = gd.open_store(api_path)  # mode 'r': the method writes anyway, like the command
+    assert isinstance(store, gd.Store) and "splits=[]" in repr(store)
+    split = store.split("simulation", 7, name="mine", train_gene_frac=0.6)
+    assert split.key == "mine"
+    cli = gd.open_store(cli_path)
+    assert split == load_split(cli, "mine") == make_split(cli.condition_names, "simulation", 7, train_gene_frac=0.6)
+    np.testing.assert_array_equal(_arrays(store, "splits", "mine")["code"], _arrays(cli, "splits", "mine")["code"])
+    assert store.components("splits") == cli.components("splits")
+    assert gd.open_store(api_path).components("splits") == cli.components("splits")  # on disk, not only in memory
+    # the store's repr and describe list it
+    assert "splits=['mine']" in repr(store) and "mine: simulation seed 7" in gd.describe(store)
+    # the default key is the one training looks for; another seed is another split (the comparison can fail)
+    other = store.split(seed=8)
+    assert other.key == "simulation_seed8" and (other.train, other.test) != (split.train, split.test)
+    # making the same split again returns it; a different one under the same key needs overwrite=True
+    assert store.split("simulation", 7, name="mine", train_gene_frac=0.6) == split
+    with pytest.raises(ValueError, match="already has a different split 'mine'.*overwrite=True"):
+        store.split("simulation", 8, name="mine")
+    assert store.split("simulation", 8, name="mine", overwrite=True) == other
+    # a custom split, as a dict or as the CLI's JSON file
+    names = [n for n in store.condition_names if n != "ctrl"]
+    custom = {"train": ["ctrl", *names[:6]], "val": names[6:8], "test": names[8:]}
+    (tmp_path / "custom.json").write_text(json.dumps(custom))
+    assert main(["split", str(cli_path), "--kind", "custom", "--custom", str(tmp_path / "custom.json"),
+                 "--name", "c"]) == 0
+    got = store.split("custom", custom=custom, name="c")
+    assert got == load_split(cli_path, "c") == store.split("custom", custom=tmp_path / "custom.json", name="c")
+    # errors
+    with pytest.raises(ValueError, match="unknown split kind 'nope'"):
+        store.split("nope")
+    with pytest.raises(ValueError, match="train_gene_frac"):
+        store.split(seed=9, train_gene_frac=1.5)
+    with pytest.raises(TypeError, match="seed"):
+        store.split(seed="1")
+    with pytest.raises(ValueError, match="only used with kind='custom'"):
+        store.split(custom=custom)
+    with pytest.raises(ValueError, match="kind='custom' needs custom="):
+        store.split("custom")
+
+
+def test_store_build_graphs_equals_cli_graph(tiny_train_store, tmp_path, capsys):
+    from gears_dist.cli import main
+    from gears_dist.graphs.build import load_graph
+    from gears_dist.graphs.config import GraphConfig
+
+    cli_path = _fresh_store_copy(tiny_train_store, tmp_path / "cli.zarr")
+    api_path = _fresh_store_copy(tiny_train_store, tmp_path / "api.zarr")
+    assert main(["split", str(cli_path)]) == 0
+    assert main(["graph", str(cli_path), "--split", "simulation_seed1", "--parts", "2", "3",
+                 "--method", "contiguous"]) == 0
+    capsys.readouterr()
+    store = gd.open_store(api_path)
+    split = store.split()
+    bundle = store.build_graphs(split=split, parts=[2, 3], method="contiguous")
+    assert capsys.readouterr().out == ""  # the API does not print
+    cli = gd.open_store(cli_path)
+    assert set(store.components("graphs")) == set(cli.components("graphs")) == set(bundle.keys.values())
+    assert set(bundle.keys) == {"go", "coexpr", "part_W2", "part_W3"}
+    for key in cli.components("graphs"):
+        a, b = _arrays(cli, "graphs", key), _arrays(store, "graphs", key)
+        assert a.keys() == b.keys() and a
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{key}/{name}")
+    assert bundle.go.nodes == load_graph(cli, bundle.keys["go"]).nodes
+    assert bundle.coexpr.num_edges == load_graph(cli, bundle.keys["coexpr"]).num_edges > 0
+    assert bundle.keys["coexpr"] in repr(store) and "go graph" in gd.describe(store)
+    # stored graphs are loaded, not rebuilt; a split key works as well as the Split
+    again = store.build_graphs(split="simulation_seed1", parts=[2, 3], method="contiguous")
+    assert again.keys == bundle.keys and again.go.nodes == bundle.go.nodes
+    # the graphs section of a training config (here: a different co-expression threshold -> another key)
+    other = store.build_graphs({"graphs": {"coexpr": {"threshold": 0.2}}}, split=split, parts=[2])
+    assert other.keys["coexpr"] != bundle.keys["coexpr"] and other.keys["go"] == bundle.keys["go"]
+    assert store.build_graphs(GraphConfig(), split=split, parts=[2]).keys["coexpr"] == bundle.keys["coexpr"]
+    # errors
+    with pytest.raises(ValueError, match="has no split 'nope'"):
+        store.build_graphs(split="nope")
+    with pytest.raises(ValueError, match="method"):
+        store.build_graphs(split=split, method="louvain")
+    with pytest.raises(ValueError, match="not saved in a store"):
+        from gears_dist.data.splits import make_split
+
+        store.build_graphs(split=make_split(store.condition_names, "simulation", 1))
+    with pytest.raises(ConfigError, match="coexpr.nope"):
+        store.build_graphs({"coexpr": {"nope": 1}})
+    with pytest.raises(TypeError, match="split"):
+        store.build_graphs(split=3)
+
+
+# -- gd.tune -----------------------------------------------------------------------------------------
+TINY_SEARCH = {
+    "name": "api_search",
+    "base": {"name": "tiny", "seed": 3, "train": {"log_every": 1000, "max_steps_per_epoch": 6},
+             "data": {"split": "simulation_seed1",
+                      "loader": {"batch_size": 32, "buffer_chunks": 4, "control_pool_cells": 256}},
+             "model": {"hidden_size": 8}, "tracking": {"experiment": "api_tune_test"}},
+    "space": {"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+    "num_trials": 1, "max_concurrent": 1, "searcher": "random", "seed": 0,
+    "scheduler": {"kind": "fifo", "max_epochs": 1},
+    "resources": {"num_workers": 1, "cpus_per_worker": 1}}
+
+
+def test_tune_is_exported_and_the_package_still_imports():
+    import inspect
+
+    import gears_dist.tune.search as search_module
+    from gears_dist.tune import config as config_module
+
+    assert callable(gd.tune) and gd.tune.search is search_module and gd.tune.config is config_module
+    params = inspect.signature(gd.tune).parameters
+    assert {"store", "search_config", "out", "address", "resume", "overrides"} <= set(params)
+    assert {"tune", "Store", "TuneResult"} <= set(dir(gd)) and gd.TuneResult.__name__ == "TuneResult"
+
+
+def test_resolve_search_config_forms_and_overrides(tmp_path):
+    import yaml
+
+    from gears_dist.api import resolve_search_config
+    from gears_dist.config import CONFIGS
+    from gears_dist.tune.config import TuneConfig, load_tune_config
+
+    preset = load_tune_config(CONFIGS / "tune_demo.yaml")
+    for form in ("tune_demo", "demo", CONFIGS / "tune_demo.yaml", str(CONFIGS / "tune_demo.yaml"), preset):
+        assert resolve_search_config(form) == preset, form
+    assert resolve_search_config(preset) is preset
+    # overrides: plain fields, sections merged, whole fields replaced
+    got = resolve_search_config("tune_demo", num_trials=2, scheduler__max_epochs=2, resources={"cpus_per_worker": 2},
+                                space={"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+                                points_to_evaluate=[])
+    assert got.num_trials == 2 and got.scheduler.max_epochs == 2 and got.scheduler.kind == preset.scheduler.kind
+    assert got.resources.cpus_per_worker == 2 and got.resources.num_workers == preset.resources.num_workers
+    assert list(got.space) == ["optim.lr"] and preset.num_trials == 8 and len(preset.space) > 1  # not modified
+    assert resolve_search_config(preset, num_trials=3).num_trials == 3 and preset.num_trials == 8
+    # a dict, with the base training config inline; and the same as a YAML file
+    tc = resolve_search_config(TINY_SEARCH)
+    assert isinstance(tc, TuneConfig) and tc.base_run_dict()["model"]["hidden_size"] == 8
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(TINY_SEARCH))
+    assert to_plain(resolve_search_config(tmp_path / "s.yaml")) == to_plain(tc)
+    # errors name the field
+    with pytest.raises(ConfigError, match="num_trial.*did you mean 'num_trials'"):
+        resolve_search_config("tune_demo", num_trial=2)
+    with pytest.raises(ConfigError, match="scheduler.max_epoch"):
+        resolve_search_config("tune_demo", scheduler__max_epoch=2)
+    with pytest.raises(ConfigError, match="num_trials"):
+        resolve_search_config("tune_demo", num_trials=0)
+    with pytest.raises(ConfigError, match="'base' is 'demo.yaml', not a section"):
+        resolve_search_config("tune_demo", base__train__epochs=2)
+    with pytest.raises(ValueError, match="neither a YAML file nor a search preset.*tune_demo"):
+        resolve_search_config("nope")
+    with pytest.raises(TypeError, match="search_config"):
+        resolve_search_config(3)
+
+
+def to_plain(tc):
+    from gears_dist.config import to_dict
+
+    return {k: v for k, v in to_dict(tc).items() if k != "source_dir"}
+
+
+def test_tune_checks_arguments_before_searching(tiny_train_store, tmp_path):
+    from gears_dist.data.store import StoreError
+
+    with pytest.raises(StoreError):
+        gd.tune(tmp_path / "no_store.zarr", TINY_SEARCH, out=tmp_path / "a")
+    with pytest.raises(ConfigError, match="num_trial"):
+        gd.tune(tiny_train_store["path"], TINY_SEARCH, out=tmp_path / "b", num_trial=2)
+    with pytest.raises(TypeError, match="address"):
+        gd.tune(tiny_train_store["path"], TINY_SEARCH, out=tmp_path / "c", address=5)
+    with pytest.raises(TypeError, match="search_config"):
+        gd.tune(tiny_train_store["path"], None, out=tmp_path / "d")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_tune_result_reads_a_search_directory(tmp_path):
+    import json
+
+    import yaml
+
+    out = tmp_path / "search"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "config.yaml").write_text(yaml.safe_dump({"name": "s-best", "model": {"hidden_size": 16}}))
+    trials = [{"rank": 1, "trial_id": "b", "status": "completed", "epochs": 2, "best": 0.1, "best_epoch": 1,
+               "last": 0.1, "params": {"optim.lr": 3e-3}, "checkpoint": None, "error": None},
+              {"rank": 2, "trial_id": "a", "status": "failed", "epochs": 0, "best": None, "best_epoch": None,
+               "last": None, "params": {"optim.lr": 1.0}, "checkpoint": None, "error": "ValueError: x"}]
+    best = {"trial_id": "b", "value": 0.1, "config": str(out / "best" / "config.yaml"),
+            "trial_dir": str(out / "trials" / "b")}
+    (out / "summary.json").write_text(json.dumps({"name": "s", "metric": "val_mse_de", "mode": "min", "num_trials": 2,
+                                                  "trials": trials, "best": best, "parent_run_id": "p",
+                                                  "tracking_uri": "sqlite:///x"}))
+    result = gd.TuneResult(out)
+    df = result.trials
+    assert list(df.index) == [1, 2] and list(df["trial_id"]) == ["b", "a"] and list(df["optim.lr"]) == [3e-3, 1.0]
+    assert list(df["status"]) == ["completed", "failed"]
+    assert result.best["trial_id"] == "b" and result.best_config.model.hidden_size == 16
+    assert result.mlflow_parent_run_id == "p" and not result.interrupted
+    assert "best_trial='b'" in repr(result)
+    with pytest.raises(ValueError, match="no finished search"):
+        gd.TuneResult(tmp_path)
+
+
+def test_tune_runs_a_real_search(tiny_train_store, tmp_path):
+    """One trial, one epoch of a few steps, on a copy of the tiny store: the search `gears-dist tune` runs
+    (about 65 s on 2 shared cores, most of it starting Ray and the trial's Ray Train worker)."""
+    import json
+    import warnings
+
+    store = shutil.copytree(tiny_train_store["path"], tmp_path / "store.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = gd.tune(store, TINY_SEARCH, out=tmp_path / "search", seed=1)
+    assert isinstance(result, gd.TuneResult) and result.path == tmp_path / "search"
+    assert result.summary == json.loads((tmp_path / "search" / "summary.json").read_text())
+    df = result.trials
+    assert len(df) == 1 and df["status"].iloc[0] == "completed" and np.isfinite(df["best"].iloc[0])
+    assert 1e-3 <= df["optim.lr"].iloc[0] <= 1e-2
+    assert result.best["value"] == pytest.approx(df["best"].iloc[0])
+    cfg = result.best_config
+    assert cfg.model.hidden_size == 8 and cfg.optim.lr == pytest.approx(df["optim.lr"].iloc[0])
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=result.mlflow_tracking_uri)
+    assert client.get_run(result.mlflow_parent_run_id).info.status == "FINISHED"
+    with pytest.raises(ValueError, match="already holds search"):
+        gd.tune(store, TINY_SEARCH, out=tmp_path / "search")

@@ -100,7 +100,7 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 # data <- model <- train <- distributed / tune <- api <- cli; a layer imports only layers below it (or its own).
-LAYERS = {"config": 0, "data": 1, "graphs": 2, "model": 2, "train": 3, "distributed": 4, "evaluate": 5, "tune": 5,
+LAYERS = {"config": 0, "progress": 0, "data": 1, "graphs": 2, "model": 2, "train": 3, "distributed": 4, "evaluate": 5, "tune": 5,
           "api": 6, "demo": 6, "cli": 7}
 
 

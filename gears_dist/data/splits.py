@@ -46,6 +46,8 @@ class Split:
     excluded: list[str]
     categories: dict[str, list[str]]  # test (and val) conditions by category, e.g. "test/combo_seen1"
     params: dict
+    # the key it is saved under in a store (set by load_split; None for a split not read from a store)
+    key: str | None = dataclasses.field(default=None, compare=False)
 
     def sets(self) -> dict[str, list[str]]:
         return {s: getattr(self, s) for s in SET_NAMES}
@@ -226,7 +228,7 @@ def load_split(store: Store | str | pathlib.Path, key: str) -> Split:
     attrs = dict(store.component("splits", key).attrs)
     sets = attrs["sets"]
     return Split(kind=attrs["kind"], seed=attrs["seed"], categories=attrs["categories"], params=attrs["params"],
-                 **{s: list(sets.get(s, [])) for s in SET_NAMES})
+                 key=key, **{s: list(sets.get(s, [])) for s in SET_NAMES})
 
 
 def make_and_save_split(store_path: str | pathlib.Path, kind: str = "simulation", seed: int = 1,

@@ -466,6 +466,13 @@ class Store:
         self.root = zarr.open_group(self.path, mode="r" if mode == "r" else "r+")
         self._check_shapes()
 
+    def __repr__(self) -> str:
+        counts = self.manifest.get("counts", {})
+        held = self.manifest.get("components", {})
+        return (f"{type(self).__name__}({str(self.path)!r}, cells={self.num_cells:,}, genes={self.num_genes:,}, "
+                f"conditions={counts.get('num_conditions', '?')}, splits={sorted(held.get('splits', {}))}, "
+                f"graphs={sorted(held.get('graphs', {}))}, mode={self.mode!r})")
+
     def _check_shapes(self) -> None:
         counts = self.manifest.get("counts", {})
         x = self.root["X"]

@@ -614,7 +614,7 @@ def training_figures(history: list, out: pathlib.Path) -> list[pathlib.Path]:
     if not history:
         return []
     try:
-        from gears_dist.evaluate.plots import plot_learning_curves
+        from gears_dist.train.figures import plot_learning_curves
 
         return [plot_learning_curves(history, out / "learning_curves.png")]
     except Exception as exc:  # noqa: BLE001
