@@ -14,6 +14,8 @@ import os
 import sys
 import warnings
 
+from gears_dist.progress import close_all, write
+
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from gears_dist.config import ConfigError
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["GEARS_DIST_VERBOSE"] = "1"  # read by the launcher (log_to_driver) and passed to its workers
 
     def one_line(message, category, filename, lineno, file=None, line=None):
-        print(f"gears-dist {args.command}: warning: {message}", file=file or sys.stderr)
+        write(f"gears-dist {args.command}: warning: {message}", file=file or sys.stderr)  # a bar stays whole
 
     try:
         with warnings.catch_warnings():
@@ -348,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.showwarning = one_line
             return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:
+        close_all()  # a bar of the pass that raised
         print(f"gears-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_all()
         print(f"gears-dist {args.command}: interrupted", file=sys.stderr)
         return 130
 

@@ -53,6 +53,10 @@ def test_tutorial_notebook_runs(norman_path, tmp_path, monkeypatch):
     monkeypatch.setenv("GEARS_DIST_TUTORIAL_DIR", str(work))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # train in the kernel's process, as the notebook says
+    # An earlier in-process training in this pytest process left its rendezvous (MASTER_PORT, RANK...) in the
+    # environment, and its port is still bound: the kernel must pick its own, as a fresh notebook would.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     nb = nbformat.read(nb_path, as_version=4)
     # The kernel is this interpreter (the kernelspec's 'python' is replaced by sys.executable).
     client = NotebookClient(nb, timeout=360, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})

@@ -54,6 +54,7 @@ from gears_dist.data.store import (
     remove_stale_temp_dirs,
     write_manifest,
 )
+from gears_dist.progress import progress
 
 TARGET_SUM = 1e4
 CONDITION_KEYS = ("condition", "perturbation", "gene", "target_gene")
@@ -178,6 +179,14 @@ def _check_unique_cells(src: H5adSource, hashes: np.ndarray) -> None:
                          f"run adata.obs_names_make_unique() and save the file again")
 
 
+def progress_ranges(ranges, total: int, desc: str, unit: str):
+    """The (start, stop) ranges of a pass, showing its progress (gears_dist.progress) by their lengths."""
+    with progress(total, desc, unit, unit_scale=True) as bar:
+        for a, b in ranges:
+            yield a, b
+            bar.update(int(b) - int(a))
+
+
 def _scan_obs(src: H5adSource, condition_key, cell_type_key, batch_key, block: int):
     """Pass 0: counts per (condition value, cell type), category lists, unique cell names."""
     cond = src.obs_column(_pick_condition_key(src, condition_key))
@@ -186,8 +195,10 @@ def _scan_obs(src: H5adSource, condition_key, cell_type_key, batch_key, block: i
     pair_counts: dict[tuple[int, int], int] = {}
     hashes = []
     num_missing = ct_missing = batch_missing = 0
+    bar = progress(src.num_cells, "ingest: read obs", "cell", unit_scale=True)
     for a in range(0, src.num_cells, block):
         b = min(src.num_cells, a + block)
+        bar.update(b - a)
         codes = cond.codes(a, b)
         num_missing += int((codes < 0).sum())
         ct = ctype.codes(a, b) if ctype is not None else np.zeros(b - a, np.int64)
@@ -198,6 +209,7 @@ def _scan_obs(src: H5adSource, condition_key, cell_type_key, batch_key, block: i
         for (c, t), n in zip(pairs.T.tolist(), counts.tolist()):
             pair_counts[(c, t)] = pair_counts.get((c, t), 0) + n
         hashes.append(_hash_ids(src.cell_ids(a, b)))
+    bar.close()
     if num_missing:
         raise ValueError(f"{num_missing} cells have no value in obs[{cond.name!r}]; every cell needs a condition "
                          f"(e.g. the control value): fill or drop them before ingest")
@@ -383,7 +395,7 @@ def _scan_rows(src: H5adSource, obs: _Obs, conds: _Conditions, rows_per_block: i
         scan.log_moments = np.zeros((2, src.num_genes))
         scan.count_moments = np.zeros((2, src.num_genes))
     cursor = conds.start.copy()
-    for a, b in src.row_ranges(rows_per_block):
+    for a, b in progress_ranges(src.row_ranges(rows_per_block), src.num_cells, "ingest: scan X", "cell"):
         block = src.row_block(a, b)
         values = block.data if sp.issparse(block) else block
         _check_values(values, f"rows {a}..{b - 1}")
@@ -413,7 +425,7 @@ def _scan_csc(src: H5adSource, indptr: np.ndarray, max_nnz: int, want_hvg: bool)
     scan = _Scan(identity=False)
     libs = np.zeros(src.num_cells)
     blocks = _csc_gene_blocks(indptr, max_nnz)
-    for g0, g1 in blocks:
+    for g0, g1 in progress_ranges(blocks, src.num_genes, "ingest: scan X", "gene"):
         rows, _, vals = src.column_block(g0, g1, indptr)
         _check_values(vals, f"genes {g0}..{g1 - 1}")
         _note_values(scan, vals)
@@ -424,7 +436,8 @@ def _scan_csc(src: H5adSource, indptr: np.ndarray, max_nnz: int, want_hvg: bool)
         scan.log_moments = np.zeros((2, src.num_genes))
         scan.count_moments = np.zeros((2, src.num_genes))
         scale = TARGET_SUM / np.where(libs > 0, libs, 1)
-        for g0, g1 in blocks:  # a second column pass: normalized counts need the finished library sizes
+        # a second column pass: normalized counts need the finished library sizes
+        for g0, g1 in progress_ranges(blocks, src.num_genes, "ingest: scan X (gene moments)", "gene"):
             rows, genes, vals = src.column_block(g0, g1, indptr)
             vals = vals.astype(np.float64)
             for target, v in ((scan.log_moments, np.expm1(vals)), (scan.count_moments, vals * scale[rows])):
@@ -569,7 +582,8 @@ def _route_rows(src, obs, conds, norm, keep, writer: _Writer, spill: SpillBucket
     reader = _ObsReader(src, obs)
     cursor = conds.start.copy()
     ranges = list(itertools.pairwise(bounds)) if spill is None else list(src.row_ranges(rows_per_block))
-    for a, b in ranges:
+    what = "ingest: write X" if spill is None else "ingest: sort X"
+    for a, b in progress_ranges(ranges, src.num_cells, what, "cell"):
         a, b = int(a), int(b)
         block = _normalize_block(src.row_block(a, b), norm, keep, all_genes)
         dest = _dest_rows(conds.of_code[obs.condition.codes(a, b)], cursor)
@@ -600,7 +614,7 @@ def _route_csc(src, obs, conds, norm, keep, spill: SpillBuckets, scan: _Scan, ma
     counts = norm["choice"] == "counts_normalize_log1p"
     scale = TARGET_SUM / np.where(scan.lib_sizes > 0, scan.lib_sizes, 1) if counts else None
     indptr = src.csc_indptr()
-    for g0, g1 in _csc_gene_blocks(indptr, max_nnz):
+    for g0, g1 in progress_ranges(_csc_gene_blocks(indptr, max_nnz), src.num_genes, "ingest: sort X", "gene"):
         if not (new_col[g0:g1] >= 0).any():
             continue
         rows, genes, vals = src.column_block(g0, g1, indptr)
@@ -631,8 +645,8 @@ def _scatter_rows(dense: np.ndarray, rel: np.ndarray, row_nnz: np.ndarray, indic
 
 def _write_buckets(spill: SpillBuckets, writer: _Writer, num_genes: int) -> None:
     block = np.empty((int(np.diff(spill.bounds).max(initial=0)), num_genes), np.float32)  # reused
-    for k in range(spill.num_buckets):
-        a, b = int(spill.bounds[k]), int(spill.bounds[k + 1])
+    buckets = [(int(spill.bounds[k]), int(spill.bounds[k + 1])) for k in range(spill.num_buckets)]
+    for k, (a, b) in enumerate(progress_ranges(buckets, int(spill.bounds[-1]), "ingest: write X", "cell")):
         rows, coo = spill.read(k)
         dense = block[: b - a]
         dense.fill(0)

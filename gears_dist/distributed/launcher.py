@@ -21,6 +21,10 @@
   logs of that session are copied to ``<run_dir>/logs/ray/`` when the run ends. ``GEARS_DIST_VERBOSE=1``
   (``gears-dist --verbose``) forwards every worker's output instead, as Ray does by default. Joining a
   cluster keeps Ray's forwarding (the cluster's logs are Ray's: ``ray job logs``).
+  Progress within an epoch (``gears_dist.progress``): with the driver relaying train.log, rank 0 writes its
+  state to ``<run_dir>/progress.json`` (about once a second) and the driver shows it: a bar with ETA on a
+  terminal or in Jupyter, a plain line a minute in a log, nothing for a short epoch. Without the relay, rank 0
+  prints the plain lines itself (a worker has no terminal), into train.log and Ray's forwarding.
   Ray Train's print patch is off (``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` unless set): in Ray 2.60 it sends each
   ``print`` of a worker both to stdout and, through a logging handler, to stderr, so every line came twice.
 """
@@ -39,12 +43,13 @@ import threading
 import warnings
 from typing import Any
 
+from gears_dist import progress
 from gears_dist.config import to_dict
 from gears_dist.train.config import RunConfig, run_config_from_dict
 
 # Variables the workers need that a Ray cluster would not otherwise pass on.
 _WORKER_ENV = ("DS_ACCELERATOR", "DS_BUILD_OPS", "MLFLOW_TRACKING_URI", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
-               "OMP_NUM_THREADS")
+               "OMP_NUM_THREADS", "GEARS_DIST_PROGRESS")
 
 
 # Ray on Linux turns _node_ip_address="127.0.0.1" into the routable address (services.resolve_ip_for_localhost)
@@ -206,9 +211,10 @@ class _RunLog:
 
 
 @contextlib.contextmanager
-def _rank0_log(run_dir: str | os.PathLike):
+def _rank0_log(run_dir: str | os.PathLike, record_progress: bool = False):
     """Rank 0 while it trains: gears_dist's prints, and one line per warning raised in gears_dist code (not
-    FutureWarning / DeprecationWarning), are appended to <run_dir>/train.log as well."""
+    FutureWarning / DeprecationWarning), are appended to <run_dir>/train.log as well. record_progress (the
+    driver relays train.log): progress goes to <run_dir>/progress.json for the driver to show."""
     path = pathlib.Path(run_dir) / TRAIN_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", buffering=1, encoding="utf-8") as log:
@@ -222,19 +228,25 @@ def _rank0_log(run_dir: str | os.PathLike):
 
         stdout, sys.stdout, warnings.showwarning = sys.stdout, _RunLog(sys.stdout, log), showwarning
         try:
-            yield
+            with progress.record_to(path.with_name(progress.PROGRESS_FILE)) if record_progress else \
+                    contextlib.nullcontext():
+                yield
         finally:
             sys.stdout, warnings.showwarning = stdout, shown
 
 
 class _Relay:
     """The driver, while a run trains on a local Ray that does not forward the workers' output: prints the
-    lines rank 0 appends to <run_dir>/train.log (from where the file ended when the run started)."""
+    lines rank 0 appends to <run_dir>/train.log (from where the file ended when the run started), and shows
+    the progress rank 0 records in <run_dir>/progress.json (a bar on a terminal; never printed as text)."""
 
-    def __init__(self, path: pathlib.Path, interval_s: float = 0.5):
+    def __init__(self, path: pathlib.Path, interval_s: float = 0.5, **progress_kwargs):
         self.path, self.interval_s = path, interval_s
         self.offset = path.stat().st_size if path.is_file() else 0
         self._partial = b""
+        self.progress_path = path.with_name(progress.PROGRESS_FILE)
+        self.progress_path.unlink(missing_ok=True)  # an earlier run's
+        self.follower = progress.Follower(self.progress_path, **progress_kwargs)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gears-dist-train-log", daemon=True)
 
@@ -251,11 +263,15 @@ class _Relay:
         if final and self._partial:
             lines, self._partial = lines + [self._partial], b""
         for line in lines:
-            print(line.decode("utf-8", errors="replace"), flush=True)
+            progress.write(line.decode("utf-8", errors="replace"))
+
+    def _poll(self) -> None:
+        self.follower.poll()  # first: a bar that ended is gone before the lines that follow it
+        self._drain()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._drain()
+            self._poll()
 
     def __enter__(self) -> _Relay:
         self._thread.start()
@@ -264,7 +280,10 @@ class _Relay:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.follower.poll()
+        self.follower.close()
         self._drain(final=True)
+        self.progress_path.unlink(missing_ok=True)
 
 
 def _keep_ray_logs(ours: dict[str, Any] | None, run_dir: pathlib.Path) -> None:
@@ -372,7 +391,9 @@ def _train_loop_per_worker(config: dict) -> None:
         # e.g. torch's all_gather_into_tensor deprecation, from DeepSpeed, on every step: not the user's to act on
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!gears_dist\.)")
     cfg = run_config_from_dict(config["cfg"])
-    with _rank0_log(config["run_dir"]) if rank == 0 else contextlib.nullcontext():
+    rank0_log = _rank0_log(config["run_dir"], record_progress=config.get("relayed", False)) if rank == 0 else \
+        contextlib.nullcontext()
+    with rank0_log:
         if rank == 0:
             warn_if_bf16_emulated(cfg)
         resume_dir, copy = _starting_checkpoint(config, rank)
@@ -420,6 +441,7 @@ def train_with_ray(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str |
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ensure_ray(address, cfg, log_to_driver=verbose())
     ours = _ours()
+    relayed = ours is not None and not ours["log_to_driver"]  # the driver shows train.log and progress.json
 
     s = cfg.scaling
     per_worker: dict[str, float] = {"CPU": s.cpus_per_worker}
@@ -430,7 +452,7 @@ def train_with_ray(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str |
         train_loop_config={"cfg": to_dict(cfg), "store": str(pathlib.Path(store_path).resolve()),
                            "run_dir": str(run_dir), "keys": keys, "fail_at_epoch": fail_at_epoch,
                            "resume_dir": str(start[0]) if start else None, "resume_epoch": start[1] if start else None,
-                           "verbose": verbose()},
+                           "verbose": verbose(), "relayed": relayed},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=s.use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -439,7 +461,7 @@ def train_with_ray(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str |
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.num_checkpoints_to_keep),
             callbacks=list(callbacks or [])),
     )
-    relay = _Relay(run_dir / TRAIN_LOG) if ours is not None and not ours["log_to_driver"] else None
+    relay = _Relay(run_dir / TRAIN_LOG) if relayed else None
     try:
         with relay or contextlib.nullcontext():
             result = trainer.fit()

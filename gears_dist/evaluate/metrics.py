@@ -241,22 +241,27 @@ def summarize(per_condition, categories: Mapping[str, Sequence[str]] | None = No
 
 
 def evaluate_predictor(predictor: Predictor, truth: ConditionTruth, genes_of: Callable[[str], tuple[str, ...]],
-                       block: int = 512) -> tuple[object, np.ndarray]:
+                       block: int = 512, desc: str | None = None) -> tuple[object, np.ndarray]:
     """Run a predictor on every condition of `truth` in blocks; return (per-condition table, predictions).
+    desc: show the progress over conditions under this name (gears_dist.progress).
 
     Predicted means are clipped at 0, for every predictor alike: log-normalized expression is never negative
     (a sum of deltas can be), and a cell-eval export, which can only hold values >= 0, then scores the same
     numbers as this table."""
     import pandas as pd
 
+    from gears_dist.progress import progress
+
     preds = []
     tables = []
-    for lo in range(0, len(truth.names), block):
-        rows = np.arange(lo, min(lo + block, len(truth.names)))
-        sub = truth.subset(rows)
-        p = np.maximum(np.asarray(predictor([genes_of(n) for n in sub.names]), dtype=np.float64), 0.0)
-        preds.append(p.astype(np.float32))  # kept for figures/export: half the memory of float64
-        tables.append(per_condition_table(p, sub))
+    with progress(len(truth.names), desc or "", "condition", enabled=desc is not None) as bar:
+        for lo in range(0, len(truth.names), block):
+            rows = np.arange(lo, min(lo + block, len(truth.names)))
+            sub = truth.subset(rows)
+            p = np.maximum(np.asarray(predictor([genes_of(n) for n in sub.names]), dtype=np.float64), 0.0)
+            preds.append(p.astype(np.float32))  # kept for figures/export: half the memory of float64
+            tables.append(per_condition_table(p, sub))
+            bar.update(len(rows))
     if not tables:
         return pd.DataFrame(columns=list(METRICS)), np.zeros((0, truth.control_mean.shape[0]))
     return pd.concat(tables), np.concatenate(preds, axis=0)

@@ -90,7 +90,7 @@ def evaluate_split(store, split, predictors: Mapping[str, Predictor] | None = No
     everyone: dict[str, Predictor] = {**(predictors or {}), **fitted}
     per_condition, preds, coverage, rows = {}, {}, {}, []
     for pname, predictor in everyone.items():
-        df, p = evaluate_predictor(predictor, truth, genes_of, block=block)
+        df, p = evaluate_predictor(predictor, truth, genes_of, block=block, desc=f"evaluate {pname} ({conditions})")
         per_condition[pname], preds[pname] = df, p
         covers = getattr(predictor, "covers", None)
         covered = dict(zip(names, covers([genes_of(n) for n in names]) if covers else np.ones(len(names), bool)))

@@ -36,6 +36,7 @@ import torch
 from gears_dist.config import to_dict
 from gears_dist.data.loader import ShardLoader, plan_shard
 from gears_dist.data.store import Store, atomic_write_text, open_store
+from gears_dist.progress import progress
 from gears_dist.train import checkpoint as ckpt
 from gears_dist.train.config import RunConfig, deepspeed_config
 from gears_dist.train.tracking import Tracker, describe_run
@@ -284,21 +285,27 @@ def train_epoch(w: Worker, epoch: int, start_step: int = 0) -> dict[str, float]:
     loss_sum = torch.zeros((), dtype=torch.float64, device=w.device)
     steps = cells = 0
     t0 = time.perf_counter()
-    for batch in w.loader.epoch_batches(epoch, start_step):
-        with _autocast(w):
-            pred, logvar = w.engine(batch.x, batch.perts, batch.inverse)
-        loss = gears_loss(pred.float(), batch.y, batch.inverse, batch.gene_mask, w.ctrl_mean, w.cfg.loss,
-                          logvar=None if logvar is None else logvar.float())
-        w.engine.backward(loss)
-        w.engine.step()
-        loss_sum += loss.detach().to(torch.float64)
-        steps += 1
-        cells += batch.num_cells
-        if w.rank == 0 and steps % w.cfg.train.log_every == 0:
-            log.info("epoch %d step %d/%d loss %.5f", epoch, start_step + steps, w.loader.steps_per_epoch,
-                     float(loss))
-        if max_steps is not None and start_step + steps >= max_steps:
-            break
+    total = w.loader.steps_per_epoch if max_steps is None else min(w.loader.steps_per_epoch, max_steps)
+    # rank 0's bar (gears_dist.progress): cells/s is rank 0's rate times the workers, the loss rank 0's last
+    bar = progress(max(total - start_step, 0), f"epoch {epoch}", "step", enabled=w.rank == 0)
+    with bar:
+        for batch in w.loader.epoch_batches(epoch, start_step):
+            with _autocast(w):
+                pred, logvar = w.engine(batch.x, batch.perts, batch.inverse)
+            loss = gears_loss(pred.float(), batch.y, batch.inverse, batch.gene_mask, w.ctrl_mean, w.cfg.loss,
+                              logvar=None if logvar is None else logvar.float())
+            w.engine.backward(loss)
+            w.engine.step()
+            loss_sum += loss.detach().to(torch.float64)
+            steps += 1
+            cells += batch.num_cells
+            bar.update(1, lambda loss=loss, cells=cells: {  # called only when shown (float() syncs a GPU)
+                "loss": float(loss.detach()), "cells/s": cells * w.world_size / max(time.perf_counter() - t0, 1e-9)})
+            if w.rank == 0 and steps % w.cfg.train.log_every == 0 and not bar.draws:
+                log.info("epoch %d step %d/%d loss %.5f", epoch, start_step + steps, w.loader.steps_per_epoch,
+                         float(loss.detach()))
+            if max_steps is not None and start_step + steps >= max_steps:
+                break
     elapsed = time.perf_counter() - t0
     totals = all_reduce_sum(torch.tensor([float(loss_sum), steps, cells, elapsed], dtype=torch.float64))
     n_workers = w.world_size
