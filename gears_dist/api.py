@@ -379,17 +379,9 @@ def _reload_manifest(store: DataStore) -> None:
 def _read_custom_split(custom: Any) -> dict | None:
     if custom is None or isinstance(custom, Mapping):
         return None if custom is None else {str(k): list(v) for k, v in custom.items()}
-    p = _as_path(custom, "custom")
-    if not p.is_file():
-        raise ValueError(f"custom: split file {str(p)!r} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"custom: split file {str(p)!r} is not valid JSON: {exc}") from None
-    if not isinstance(data, Mapping):  # the file's content is the bad value, not an argument
-        raise ValueError(f"custom: split file {str(p)!r} holds {_type_name(data)}, expected an object "  # noqa: TRY004
-                         f"{{train: [...], val: [...], test: [...]}}")
-    return dict(data)
+    from gears_dist.data.splits import read_custom_split
+
+    return read_custom_split(_as_path(custom, "custom"))
 
 
 def _store_split(self: DataStore, kind: str = "simulation", seed: int = 1, *, name: str | None = None,

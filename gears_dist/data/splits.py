@@ -231,18 +231,25 @@ def load_split(store: Store | str | pathlib.Path, key: str) -> Split:
                  key=key, **{s: list(sets.get(s, [])) for s in SET_NAMES})
 
 
+def read_custom_split(path: str | pathlib.Path) -> dict:
+    """A custom split file: JSON {train: [...], val: [...], test: [...]} (see make_split's `custom`)."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ValueError(f"custom split file {str(path)!r} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"custom split file {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):  # the file's content is the bad value, not an argument
+        raise ValueError(f"custom split file {str(path)!r} holds {type(data).__name__}, expected an object "  # noqa: TRY004
+                         f"{{train: [...], val: [...], test: [...]}}")
+    return data
+
+
 def make_and_save_split(store_path: str | pathlib.Path, kind: str = "simulation", seed: int = 1,
                         key: str | None = None, overwrite: bool = False, custom_path: str | None = None,
                         **kwargs) -> str:
     store = open_store(store_path, mode="r+")
-    custom = None
-    if custom_path is not None:
-        p = pathlib.Path(custom_path)
-        if not p.is_file():
-            raise ValueError(f"custom split file {custom_path!r} does not exist")
-        try:
-            custom = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"custom split file {custom_path!r} is not valid JSON: {exc}") from None
+    custom = None if custom_path is None else read_custom_split(custom_path)
     split = make_split(store.condition_names, kind, seed, custom=custom, **kwargs)
     return save_split(store, split, key, overwrite)

@@ -434,8 +434,8 @@ class SetPrior(nn.Module):
             index = torch.where(loo.unsqueeze(-1), self.loo_index[node], index)
             weight = torch.where(loo.unsqueeze(-1), self.loo_weight[node], weight)
             seen = seen & ~loo
-        elif not cross_fit:
-            # Sets of two or more seen genes: a gene's combination delta where it has one (never while training).
+        else:
+            # Not cross-fitting. Sets of two or more seen genes: a gene's combination delta where it has one (never while training).
             combo = self.combo_index[node]
             use_combo = valid & (combo >= 0) & self.trained_sets(perts).unsqueeze(1)
             first = torch.zeros_like(index[..., :1])
