@@ -103,10 +103,9 @@ def _where_beaten(record: dict) -> str:
         return "on test the model is at least as good as every baseline in every category (pearson_delta, mse_de)"
     parts = []
     for cat, items in losses.items():
-        by = {}
-        for item in items:  # "name (metric value vs value)"
-            name, _, rest = item.partition(" (")
-            by.setdefault(name, []).append(rest.split(" ", 1)[0])
+        by: dict[str, list[str]] = {}
+        for item in items:
+            by.setdefault(item["predictor"], []).append(item["metric"])
         parts.append(f"{cat}: " + ", ".join(f"{n} ({'/'.join(ms)})" for n, ms in by.items()))
     return "where a baseline beats the model on test: " + "; ".join(parts)
 

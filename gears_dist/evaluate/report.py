@@ -179,13 +179,14 @@ def headline(val_table, test_table, model: str, metric: str = "mse_de") -> tuple
             mine = float(sub.loc[model, m])
             for p, v in sub[m].astype(float).items():
                 if p != model and not math.isnan(v) and not _same(v, mine) and (v > mine if higher else v < mine):
-                    beaten.append(f"{p} ({m} {v:.4g} vs {mine:.4g})")
+                    beaten.append({"predictor": p, "metric": m, "value": v, "model": mine})
         if beaten:
             losses[cat] = beaten
     record["beaten_on_test"] = losses
     if losses:
         lines.append("where a baseline beats the model on test: " + "; ".join(
-            f"{cat}: {', '.join(b)}" for cat, b in losses.items()))
+            f"{cat}: " + ", ".join(f"{b['predictor']} ({b['metric']} {b['value']:.4g} vs {b['model']:.4g})" for b in bs)
+            for cat, bs in losses.items()))
     else:
         lines.append("on test the model is at least as good as every baseline in every category "
                      "(pearson_delta and mse_de)")
