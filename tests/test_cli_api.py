@@ -2,7 +2,8 @@
 the API and the typed library functions), and the package has no import cycles.
 
 Each test runs the command through `gears_dist.cli.main` and the call it stands for, and compares what they
-produce: AnnData content, store arrays, splits, graphs, predictions and metrics, not mocks.
+produce: AnnData content, store arrays, splits, graphs, predictions and metrics, not mocks. `demo` is the pipeline
+of these calls on the 'demo' screen (minutes) and has no call of its own; tests/test_demo_console.py runs it.
 """
 
 from __future__ import annotations
@@ -156,6 +157,14 @@ def test_simulate_store_has_the_layout_of_ingest_of_gd_simulate(tmp_path):
     assert (cli.num_cells, cli.genes, cli.condition_names) == (api.num_cells, api.genes, api.condition_names)
     assert cli.conditions().equals(api.conditions())
     assert load_gi_truth(cli) == load_gi_truth(api) and len(load_gi_truth(cli)) == 8
+    # and it is exactly the store the library call behind the command writes (the same draws)
+    from gears_dist.data.synthetic import write_screen
+
+    write_screen(tmp_path / "direct.zarr", "tiny", format="store", num_workers=1)
+    direct = gd.open_store(tmp_path / "direct.zarr")
+    _same_store(cli, direct)
+    for key in ("obs/condition", "obs/cell_type", "obs/cell_id", "genes/is_perturbed", "conditions/cell_type"):
+        np.testing.assert_array_equal(cli.array(key), direct.array(key))
 
 
 # -- ingest -----------------------------------------------------------------------------------------
@@ -373,3 +382,113 @@ def test_python_m_train_errors_exit_2(tiny_train_store, tmp_path, capsys):
                               str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.startswith("python -m gears_dist.train: error:")
     assert not (tmp_path / "r").exists()
+
+
+# -- tune -------------------------------------------------------------------------------------------
+TINY_SEARCH = {
+    "name": "cli_api_search",
+    "base": {"name": "tiny", "seed": 3, "train": {"log_every": 1000, "max_steps_per_epoch": 6},
+             "data": {"split": "simulation_seed1",
+                      "loader": {"batch_size": 32, "buffer_chunks": 4, "control_pool_cells": 256}},
+             "model": {"hidden_size": 8}, "tracking": {"experiment": "cli_api_tune"}},
+    "space": {"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+    "num_trials": 1, "max_concurrent": 1, "searcher": "random", "seed": 0,
+    "scheduler": {"kind": "fifo", "max_epochs": 1},
+    "resources": {"num_workers": 1, "cpus_per_worker": 1}}
+
+
+@pytest.fixture()
+def own_ray():
+    """A Ray of the test's own, stopped after it: a search's Ray Train runs can leave placement groups reserved on
+    the Ray they ran on (see tests/test_tune.py), which the next Ray user of this module must not inherit."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def test_tune_equals_gd_tune(tiny_train_store, tmp_path, own_ray, capsys):
+    """`gears-dist tune STORE --config S.yaml` runs the search `gd.tune(STORE, S)` runs: the seeded searcher
+    proposes the same trial configs, which train (one seeded CPU worker) to the same metrics. One trial, one
+    epoch of 6 steps each, on one copy of the tiny store (its graphs built by the first search)."""
+    import warnings
+
+    import yaml
+
+    store = shutil.copytree(tiny_train_store["path"], tmp_path / "store.zarr")
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(TINY_SEARCH))
+    argv = ["tune", str(store), "--config", str(tmp_path / "search.yaml")]
+    # errors first (before Ray starts): the same exception text, as exit 2 on the command line
+    with pytest.raises(ValueError, match="holds no search") as err:
+        gd.tune(store, TINY_SEARCH, out=tmp_path / "none", resume=True)
+    assert main([*argv, "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert str(err.value) in capsys.readouterr().err
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*argv, "--out", str(tmp_path / "cli")]) == 0
+        api = gd.tune(store, TINY_SEARCH, out=tmp_path / "api")
+    assert "MLflow parent run" in capsys.readouterr().out
+    cli = gd.TuneResult(tmp_path / "cli")
+    same = ["status", "epochs", "best_epoch", "optim.lr"]
+    assert list(cli.trials.columns) == list(api.trials.columns) and len(api.trials) == 1
+    assert cli.trials[same].to_dict("records") == api.trials[same].to_dict("records")
+    assert (api.trials["status"] == "completed").all()
+    np.testing.assert_allclose(cli.trials["best"].to_numpy(float), api.trials["best"].to_numpy(float), rtol=1e-5)
+    assert cli.best["params"] == api.best["params"] and cli.best["value"] == pytest.approx(api.best["value"], rel=1e-5)
+    assert cli.best_config.optim.lr == api.best_config.optim.lr and cli.best_config.model.hidden_size == 8
+    # two searches, two MLflow parent runs (each search directory has its own tracking store)
+    assert cli.mlflow_parent_run_id != api.mlflow_parent_run_id
+    assert cli.mlflow_tracking_uri != api.mlflow_tracking_uri
+
+
+# -- multisplit -------------------------------------------------------------------------------------
+MULTISPLIT = {"name": "ms", "seed": 0, "train": {"epochs": 3, "log_every": 1000, "max_steps_per_epoch": 6},
+              "data": {"loader": {"batch_size": 32, "buffer_chunks": 4, "control_pool_cells": 256}},
+              "model": {"hidden_size": 8}, "sharding": {"mode": "random"}, "tracking": {"enabled": False}}
+
+
+def test_multisplit_equals_run_multisplit(tiny_train_store, tmp_path, own_ray, capsys):
+    """`gears-dist multisplit STORE --config C --epochs 1 ...` is `run_multisplit(STORE, C with train.epochs 1,
+    ...)`: the same splits (seeds), the same per-split table (the baseline's numbers and each seeded run's). One
+    variant, 2 splits, 1 epoch of 6 steps, each on its own copy of the tiny store (its splits built by each)."""
+    import pandas as pd
+    import yaml
+
+    from gears_dist.config import deep_merge
+    from gears_dist.data.splits import load_split
+    from gears_dist.evaluate.multisplit import run_multisplit
+    from gears_dist.train.config import run_config_from_dict
+
+    stores = {k: shutil.copytree(tiny_train_store["path"], tmp_path / f"{k}.zarr") for k in ("cli", "api")}
+    (tmp_path / "ms.yaml").write_text(yaml.safe_dump(MULTISPLIT))
+    flags = ["--config", str(tmp_path / "ms.yaml"), "--epochs", "1", "--variants", "reference", "--baselines",
+             "train_mean", "--parallel", "2"]
+    cfg = run_config_from_dict(deep_merge(MULTISPLIT, {"train": {"epochs": 1}}))
+    # errors: the same exception text, as exit 2 on the command line
+    with pytest.raises(ValueError, match="distinct split seeds") as err:
+        run_multisplit(stores["api"], cfg, tmp_path / "x", seeds=[1, 1])
+    assert main(["multisplit", str(stores["cli"]), *flags, "--seeds", "1", "1", "--out", str(tmp_path / "x")]) == 2
+    assert str(err.value) in capsys.readouterr().err
+
+    assert main(["multisplit", str(stores["cli"]), *flags, "--seeds", "1", "2", "--out", str(tmp_path / "cli")]) == 0
+    assert "± " in capsys.readouterr().out
+    api = run_multisplit(stores["api"], cfg, tmp_path / "api", seeds=[1, 2], variants=["reference"],
+                         baselines=["train_mean"], max_parallel=2)
+    capsys.readouterr()
+    cli_store, api_store = gd.open_store(stores["cli"]), gd.open_store(stores["api"])
+    assert set(cli_store.components("splits")) == set(api_store.components("splits"))
+    for key in api_store.components("splits"):
+        a, b = load_split(cli_store, key), load_split(api_store, key)
+        assert (a.train, a.val, a.test) == (b.train, b.val, b.test)
+    key = ["predictor", "category", "split_seed"]
+    cli = pd.read_csv(tmp_path / "cli" / "per_split.csv").set_index(key).sort_index()
+    want = api["per_split"].set_index(key).sort_index()
+    assert list(cli.index) == list(want.index) and {"reference", "train_mean"} <= set(cli.index.get_level_values(0))
+    numeric = [c for c in want.columns if pd.api.types.is_numeric_dtype(want[c]) and c in cli.columns]
+    assert {"mse", "pearson_delta", "num_conditions"} <= set(numeric)
+    np.testing.assert_allclose(cli[numeric].to_numpy(float), want[numeric].to_numpy(float), rtol=1e-5, atol=1e-8)
+    summary, cols = pd.read_csv(tmp_path / "cli" / "summary.csv"), ["predictor", "category", "num_splits"]
+    assert summary.shape == api["summary"].shape and (summary["num_splits"] <= 2).all()
+    assert summary[cols].to_dict("records") == api["summary"][cols].to_dict("records")

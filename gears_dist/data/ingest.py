@@ -36,7 +36,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
-from zarr.codecs import ZstdCodec
 
 from gears_dist.data import genes as gene_vocab
 from gears_dist.data.conditions import DEFAULT_CONTROL_VALUES, ConditionError, condition_name, parse_condition
@@ -44,25 +43,32 @@ from gears_dist.data.h5ad import H5adSource
 from gears_dist.data.spill import RowsRecord, SpillBuckets
 from gears_dist.data.stats import write_stats
 from gears_dist.data.store import (
+    OBS_CHUNK_CELLS,  # noqa: F401 - the layout's constants live in store.py, still importable from here
+    X_CODEC,  # noqa: F401
+    X_CODEC_NAME,  # noqa: F401
     Store,
     StoreError,
     building_store,
+    create_obs,
+    create_x,
     file_fingerprint,
     open_store,
     owned_temp_dir,
     release_temp_dir,
     remove_stale_temp_dirs,
+    write_conditions_table,
+    write_genes_table,
     write_manifest,
+    write_obs,
+    write_root_attrs,
+    x_manifest,
 )
 from gears_dist.progress import progress
 
 TARGET_SUM = 1e4
 CONDITION_KEYS = ("condition", "perturbation", "gene", "target_gene")
-# X codec and chunk size chosen by tools/bench_ingest.py (BENCHMARKS.md rows "Ingest, peak RSS vs cells" and "Store X codec and chunks")
-X_CODEC = ZstdCodec(level=1)
-X_CODEC_NAME = "zstd(level=1)"
+# X chunk size chosen by tools/bench_ingest.py (BENCHMARKS.md rows "Ingest, peak RSS vs cells" and "Store X codec and chunks")
 X_CHUNK_BYTES = 4 << 20
-OBS_CHUNK_CELLS = 1 << 16
 NORMALIZATIONS = ("auto", "counts", "log1p")
 
 # -- pluggable condition order -------------------------------------------------------------------
@@ -537,13 +543,8 @@ class _Writer:
         b = a + dense.shape[0]
         self.x[a:b] = dense
         cond = (np.searchsorted(self.conds.stop, np.arange(a, b), side="right")).astype(np.int32)
-        obs = self.root["obs"]
-        obs["condition"][a:b] = cond
-        obs["is_control"][a:b] = self.is_control[cond]
-        obs["cell_type"][a:b] = cell_type
-        obs["batch"][a:b] = batch
-        obs["source_row"][a:b] = source_row
-        obs["cell_id"][a:b] = np.asarray(cell_ids).astype(np.dtypes.StringDType())
+        write_obs(self.root, a, condition=cond, is_control=self.is_control[cond], cell_type=cell_type, batch=batch,
+                  source_row=source_row, cell_id=cell_ids)
 
 
 def _normalize_block(block, norm: dict, keep: np.ndarray, all_genes: bool):
@@ -672,48 +673,6 @@ def _write_buckets(spill: SpillBuckets, writer: _Writer, num_genes: int) -> None
         del rows, coo, ids
 
 
-# -- store layout ---------------------------------------------------------------------------------
-def _create_arrays(root: zarr.Group, num_cells: int, num_genes: int, chunk_cells: int) -> None:
-    root.create_array("X", shape=(num_cells, num_genes), chunks=(max(1, min(chunk_cells, max(num_cells, 1))),
-                                                                   max(num_genes, 1)),
-                      dtype="float32", compressors=[X_CODEC], fill_value=0.0)
-    obs = root.require_group("obs")
-    obs_chunk = max(1, min(num_cells, OBS_CHUNK_CELLS // chunk_cells * chunk_cells or chunk_cells))
-    for name, dtype in (("condition", "int32"), ("is_control", "bool"), ("cell_type", "int32"),
-                        ("batch", "int32"), ("source_row", "int64"), ("cell_id", str)):
-        obs.create_array(name, shape=(num_cells,), chunks=(obs_chunk,), dtype=dtype)
-
-
-def _write_tables(root: zarr.Group, conds: _Conditions, symbols, source_names, keep, is_hvg) -> None:
-    def small(group, name, data):
-        data = np.asarray(data)
-        if data.dtype.kind in "UO":  # variable-length strings (fixed-width unicode has no Zarr v3 spec)
-            group.create_array(name, shape=data.shape, dtype=str)[...] = data.astype(np.dtypes.StringDType())
-        else:
-            group.create_array(name, data=data)
-
-    c = root.require_group("conditions")
-    small(c, "name", np.array([condition_name(g) for g in conds.genes], dtype=str))
-    small(c, "genes", np.array(["+".join(g) for g in conds.genes], dtype=str))
-    small(c, "num_genes", np.array([len(g) for g in conds.genes], np.int32))
-    small(c, "num_cells", conds.num_cells.astype(np.int64))
-    small(c, "start", conds.start.astype(np.int64))
-    small(c, "stop", conds.stop.astype(np.int64))
-    small(c, "is_control", np.array([len(g) == 0 for g in conds.genes]))
-    small(c, "cell_type", conds.cell_type.astype(np.int32))
-    small(c, "num_cell_types", conds.num_cell_types.astype(np.int32))
-    perturbed = {g for gs in conds.genes for g in gs}
-    go = gene_vocab.go_annotations()
-    kept = [symbols[i] for i in keep]
-    g = root.require_group("genes")
-    small(g, "symbol", np.array(kept, dtype=str))
-    small(g, "source_name", np.array([source_names[i] for i in keep], dtype=str))
-    small(g, "is_perturbed", np.array([s in perturbed for s in kept]))
-    small(g, "has_go", np.array([s in go for s in kept]))
-    small(g, "highly_variable", is_hvg)
-    small(g, "source_index", keep.astype(np.int64))
-
-
 # -- entry point ----------------------------------------------------------------------------------
 def ingest(input_path, store_path, *, condition_key=None, control_values=None, separators=None, gene_key=None,
            cell_type_key=None, batch_key=None, hvg=None, normalize="auto", chunk_cells=None, order="condition",
@@ -776,7 +735,8 @@ def ingest(input_path, store_path, *, condition_key=None, control_values=None, s
 
         with building_store(store_path, overwrite=overwrite) as tmp:
             root = zarr.open_group(tmp, mode="w")
-            _create_arrays(root, src.num_cells, num_genes, chunk)
+            create_x(root, src.num_cells, num_genes, chunk)
+            create_obs(root, src.num_cells, chunk)
             writer = _Writer(root, conds, num_genes)
             if scan.identity:
                 _route_rows(src, obs, conds, norm, keep, writer, None, rows_per_block, bounds)
@@ -795,9 +755,13 @@ def ingest(input_path, store_path, *, condition_key=None, control_values=None, s
                     spill.cleanup()
                 finally:
                     release_temp_dir(spill_dir)  # the spill files and the owner record, in every case
-            root.attrs.update({"cell_types": obs.cell_types, "batches": obs.batches,
-                               "condition_order": order, "normalization": norm["choice"]})
-            _write_tables(root, conds, symbols, source_names, keep, is_hvg)
+            write_root_attrs(root, cell_types=obs.cell_types, batches=obs.batches, condition_order=order,
+                             normalization=norm["choice"])
+            write_conditions_table(root, conds.genes, conds.num_cells, conds.cell_type, conds.num_cell_types)
+            go, kept = gene_vocab.go_annotations(), [symbols[i] for i in keep]
+            write_genes_table(root, kept, source_names=[source_names[i] for i in keep], source_index=keep,
+                              perturbed={g for gs in conds.genes for g in gs}, has_go=[s in go for s in kept],
+                              highly_variable=is_hvg)
             write_stats(root, memory_budget_mb=memory_budget_mb)
             seconds = time.perf_counter() - t0
             write_manifest(tmp, {
@@ -818,7 +782,7 @@ def ingest(input_path, store_path, *, condition_key=None, control_values=None, s
                 "dropped_perturbations": [],
                 "unmeasured_perturbed_genes": unmeasured,
                 "perturbed_genes_without_go": no_go,
-                "x": {"chunks": [int(v) for v in root["X"].chunks], "codec": X_CODEC_NAME, "dtype": "float32"},
+                "x": x_manifest(root),
                 "ingest": {"seconds": round(seconds, 3), "spill_bytes": int(spill_bytes),
                            "source_in_destination_order": bool(scan.identity)},
             })

@@ -42,6 +42,10 @@ Layout (Zarr v3 directory store; everything below is written by ``gears-dist ing
       splits/<key>/            (gears-dist split)  attrs: kind, seed, sets, categories
       graphs/<key>/            (gears-dist graph)  GO graph, co-expression graph, partitions
 
+Writing: the functions under "writing the layout" below (`create_x`, `create_obs`, `write_obs`,
+`write_conditions_table`, `write_genes_table`, `write_root_attrs`, `x_manifest`) are the one writer of this
+layout; ``gears-dist ingest`` and ``gears-dist simulate --format store`` both build their stores with them.
+
 Derived components (splits/, graphs/) are built in a temporary directory beside the store and
 renamed into place, then recorded in the manifest, so a failed write never leaves a component
 that looks complete and never destroys the previous one.
@@ -79,6 +83,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
+
+from gears_dist.data.conditions import condition_name
 
 SCHEMA_VERSION = 1
 STORE_FORMAT = "gears_dist.store"
@@ -87,6 +94,13 @@ COMPONENT_KINDS = ("splits", "graphs")
 # Beside a temporary build directory TMP, the file TMP + OWNER_SUFFIX records who builds it. Beside, not
 # inside: builders may wipe their directory (zarr.open_group(tmp, mode="w") does).
 OWNER_SUFFIX = ".owner.json"
+# X codec chosen by tools/bench_ingest.py (BENCHMARKS.md row "Store X codec and chunks"); obs/ chunks hold
+# about OBS_CHUNK_CELLS cells, a whole number of X chunks
+X_CODEC = ZstdCodec(level=1)
+X_CODEC_NAME = "zstd(level=1)"
+OBS_CHUNK_CELLS = 1 << 16
+OBS_COLUMNS = (("condition", "int32"), ("is_control", "bool"), ("cell_type", "int32"), ("batch", "int32"),
+               ("source_row", "int64"), ("cell_id", str))
 
 # What a damaged chunk raises from Zarr's codecs: zstd/blosc RuntimeError, gzip zlib.error or
 # EOFError, a short uncompressed chunk ValueError (it does not reshape), an unreadable file OSError.
@@ -425,6 +439,80 @@ def _damaged_message(array: zarr.Array, coords: tuple[int, ...], region: tuple[s
     rows = f" (rows {region[0].start}..{region[0].stop - 1} of {name!r})" if region else ""
     return (f"store {store_dir!r}: {chunk}{rows} cannot be read ({type(exc).__name__}: {exc}); the chunk file is "
             f"truncated or corrupt, so the store is damaged: {_rebuild_hint(store_dir, name)}")
+
+
+# -- writing the layout (the one writer of the arrays documented above) -----------------------------
+def create_x(root: zarr.Group, num_cells: int, num_genes: int, chunk_cells: int) -> zarr.Array:
+    """The empty X: float32, chunks of `chunk_cells` whole gene rows, X_CODEC; filled in row ranges."""
+    return root.create_array("X", shape=(num_cells, num_genes), dtype="float32", compressors=[X_CODEC],
+                             chunks=(max(1, min(chunk_cells, max(num_cells, 1))), max(num_genes, 1)), fill_value=0.0)
+
+
+def x_manifest(root: zarr.Group) -> dict:
+    """The manifest's "x" entry: X's chunks, codec and dtype."""
+    return {"chunks": [int(v) for v in root["X"].chunks], "codec": X_CODEC_NAME, "dtype": "float32"}
+
+
+def create_obs(root: zarr.Group, num_cells: int, chunk_cells: int) -> zarr.Group:
+    """The empty obs/ arrays (OBS_COLUMNS), chunked by a whole number of X chunks; filled by `write_obs`."""
+    obs = root.require_group("obs")
+    chunk = max(1, min(num_cells, OBS_CHUNK_CELLS // chunk_cells * chunk_cells or chunk_cells))
+    for name, dtype in OBS_COLUMNS:
+        obs.create_array(name, shape=(num_cells,), chunks=(chunk,), dtype=dtype)
+    return obs
+
+
+def write_obs(root: zarr.Group, start: int, **columns: np.ndarray) -> None:
+    """Rows ``start..`` of every obs/ array (keyword per OBS_COLUMNS name: condition, is_control, ...)."""
+    if set(columns) != {name for name, _ in OBS_COLUMNS}:
+        raise ValueError(f"write_obs: expected the columns {[n for n, _ in OBS_COLUMNS]}, received {sorted(columns)}")
+    obs = root["obs"]
+    for name, dtype in OBS_COLUMNS:
+        values = np.asarray(columns[name])
+        obs[name][start:start + len(values)] = values.astype(np.dtypes.StringDType() if dtype is str else dtype)
+
+
+def _table(group: zarr.Group, name: str, values) -> None:
+    values = np.asarray(values)
+    if values.dtype.kind in "UOT":  # variable-length strings (fixed-width unicode has no Zarr v3 spec)
+        values = values.astype(np.dtypes.StringDType())
+    group.create_array(name, data=values)
+
+
+def write_conditions_table(root: zarr.Group, genes: list[tuple[str, ...]], num_cells, cell_type,
+                           num_cell_types) -> None:
+    """conditions/: one row per perturbation set in storage order (`genes[c]`: sorted genes, () = control),
+    its cell count (cells are grouped: start/stop follow), majority cell type and how many types it spans."""
+    num_cells = np.asarray(num_cells, np.int64)
+    stop = np.cumsum(num_cells)
+    c = root.require_group("conditions")
+    for name, values in (("name", np.array([condition_name(g) for g in genes], dtype=object)),
+                         ("genes", np.array(["+".join(g) for g in genes], dtype=object)),
+                         ("num_genes", np.array([len(g) for g in genes], np.int32)), ("num_cells", num_cells),
+                         ("start", stop - num_cells), ("stop", stop),
+                         ("is_control", np.array([len(g) == 0 for g in genes], bool)),
+                         ("cell_type", np.asarray(cell_type, np.int32)),
+                         ("num_cell_types", np.asarray(num_cell_types, np.int32))):
+        _table(c, name, values)
+
+
+def write_genes_table(root: zarr.Group, symbols, *, source_names, source_index, perturbed, has_go,
+                      highly_variable) -> None:
+    """genes/: the measured genes in X's column order; `perturbed`: the symbols some condition perturbs."""
+    perturbed = set(perturbed)
+    g = root.require_group("genes")
+    for name, values in (("symbol", np.array(symbols, dtype=object)),
+                         ("source_name", np.array(source_names, dtype=object)),
+                         ("is_perturbed", np.array([s in perturbed for s in symbols], bool)),
+                         ("has_go", np.asarray(has_go, bool)), ("highly_variable", np.asarray(highly_variable, bool)),
+                         ("source_index", np.asarray(source_index, np.int64))):
+        _table(g, name, values)
+
+
+def write_root_attrs(root: zarr.Group, *, cell_types, batches, condition_order: str, normalization: str) -> None:
+    """The root group's attrs: names of obs/cell_type and obs/batch codes, condition order, normalization."""
+    root.attrs.update({"cell_types": list(cell_types), "batches": list(batches), "condition_order": condition_order,
+                       "normalization": normalization})
 
 
 def write_manifest(store_dir: str | os.PathLike, content: dict) -> dict:

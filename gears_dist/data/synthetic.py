@@ -912,7 +912,7 @@ def write_store(spec: ScreenSpec, path: str | os.PathLike, overwrite: bool = Fal
     import zarr
 
     from gears_dist.data import ingest, stats
-    from gears_dist.data.store import atomic_write_text, building_store, write_manifest
+    from gears_dist.data import store as writer
 
     dest = pathlib.Path(path)
     if dest.exists() and not overwrite:
@@ -924,10 +924,10 @@ def write_store(spec: ScreenSpec, path: str | os.PathLike, overwrite: bool = Fal
     layout = cell_layout(model, grouped=True, condition_order=perm)
     num_genes = len(model.genes)
     chunk = min(chunk_cells or ingest.default_chunk_cells(num_genes), spec.num_cells)
-    with building_store(dest, overwrite=overwrite) as tmp:
+    with writer.building_store(dest, overwrite=overwrite) as tmp:
         root = zarr.open_group(tmp, mode="w")
-        x = root.create_array("X", shape=(spec.num_cells, num_genes), chunks=(chunk, num_genes), dtype="float32",
-                              compressors=[ingest.X_CODEC], fill_value=0.0)
+        x = writer.create_x(root, spec.num_cells, num_genes, chunk)
+        writer.create_obs(root, spec.num_cells, chunk)
         _write_store_tables(root, model, layout, perm, order)
         pending: list[np.ndarray] = []
         buffered = written = 0
@@ -946,9 +946,9 @@ def write_store(spec: ScreenSpec, path: str | os.PathLike, overwrite: bool = Fal
         seconds_x = time.perf_counter() - t0
         stats.write_stats(root, memory_budget_mb=memory_budget_mb)
         seconds_stats = time.perf_counter() - t0 - seconds_x
-        atomic_write_text(tmp / STORE_TRUTH, _truth_json(model, truth_table(model, "gears")))
+        writer.atomic_write_text(tmp / STORE_TRUTH, _truth_json(model, truth_table(model, "gears")))
         seconds = time.perf_counter() - t0
-        write_manifest(tmp, {
+        writer.write_manifest(tmp, {
             "source": {"kind": "synthetic", "generator": "gears_dist.data.synthetic", "spec": spec.to_dict()},
             "parameters": {"chunk_cells": chunk, "order": order, "normalize": "counts",
                            "memory_budget_mb": memory_budget_mb},
@@ -961,7 +961,7 @@ def write_store(spec: ScreenSpec, path: str | os.PathLike, overwrite: bool = Fal
             "renamed_genes": {}, "renamed_perturbation_genes": {}, "dropped_perturbations": [],
             "unmeasured_perturbed_genes": sorted(set(model.perturbed) - set(model.genes)),
             "perturbed_genes_without_go": [],
-            "x": {"chunks": [int(v) for v in x.chunks], "codec": ingest.X_CODEC_NAME, "dtype": "float32"},
+            "x": writer.x_manifest(root),
             "truth": STORE_TRUTH,
             "simulate": {"seconds": round(seconds, 3), "seconds_x": round(seconds_x, 3),
                          "seconds_stats": round(seconds_stats, 3)},
@@ -983,55 +983,28 @@ def _log1p_normalized(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
 
 
 def _write_store_tables(root, model: ScreenModel, layout: CellLayout, perm: np.ndarray, order: str) -> None:
+    """obs/ (created by `create_obs`), conditions/, genes/ and the root attrs, through the store's layout writer."""
+    from gears_dist.data import store as writer
+
     spec = model.spec
-    conds = [model.conditions[i] for i in perm]
-    num_cells = model.num_cells[perm]
-    stop = np.cumsum(num_cells)
-    start = stop - num_cells
     rank = np.empty(len(perm), dtype=np.int32)
     rank[perm] = np.arange(len(perm), dtype=np.int32)
     codes = rank[layout.codes]
-    root.attrs.update({"cell_types": list(spec.cell_types), "batches": ["none"], "condition_order": order,
-                       "normalization": "counts_normalize_log1p"})
-    obs = root.create_group("obs")
-    _arr(obs, "condition", codes.astype(np.int32))
-    _arr(obs, "is_control", codes == rank[0])
-    _arr(obs, "cell_type", layout.cell_type.astype(np.int32))
-    _arr(obs, "batch", np.zeros(spec.num_cells, dtype=np.int32))
-    _arr(obs, "source_row", layout.cell_index.astype(np.int64))
-    _arr(obs, "cell_id", _cell_names(layout.cell_index, spec.num_cells))
+    writer.write_root_attrs(root, cell_types=spec.cell_types, batches=["none"], condition_order=order,
+                            normalization="counts_normalize_log1p")
+    writer.write_obs(root, 0, condition=codes, is_control=codes == rank[0], cell_type=layout.cell_type,
+                     batch=np.zeros(spec.num_cells, dtype=np.int32), source_row=layout.cell_index,
+                     cell_id=_cell_names(layout.cell_index, spec.num_cells))
     # Majority cell type of each condition and how many types it has.
     num_types = len(spec.cell_types)
     pair = np.bincount(codes.astype(np.int64) * num_types + layout.cell_type, minlength=len(perm) * num_types)
     pair = pair.reshape(len(perm), num_types)
-    cg = root.create_group("conditions")
-    _arr(cg, "name", np.array([condition_name(c) for c in conds], dtype=object))
-    _arr(cg, "genes", np.array(["+".join(c) for c in conds], dtype=object))
-    _arr(cg, "num_genes", np.array([len(c) for c in conds], dtype=np.int32))
-    _arr(cg, "num_cells", num_cells.astype(np.int64))
-    _arr(cg, "start", start.astype(np.int64))
-    _arr(cg, "stop", stop.astype(np.int64))
-    _arr(cg, "is_control", np.array([not c for c in conds], dtype=bool))
-    _arr(cg, "cell_type", pair.argmax(axis=1).astype(np.int32))
-    _arr(cg, "num_cell_types", (pair > 0).sum(axis=1).astype(np.int32))
-    gg = root.create_group("genes")
-    perturbed = set(model.perturbed)
-    _arr(gg, "symbol", np.array(model.genes, dtype=object))
-    _arr(gg, "source_name", np.array(model.genes, dtype=object))
-    _arr(gg, "is_perturbed", np.array([g in perturbed for g in model.genes], dtype=bool))
-    _arr(gg, "has_go", np.ones(len(model.genes), dtype=bool))
-    _arr(gg, "highly_variable", np.zeros(len(model.genes), dtype=bool))
-    _arr(gg, "source_index", np.arange(len(model.genes), dtype=np.int64))
-
-
-def _arr(group, name: str, values: np.ndarray) -> None:
-    chunk = max(1, min(len(values), 1 << 16))
-    if values.dtype.kind in "UO":
-        a = group.create_array(name, shape=values.shape, chunks=(chunk,), dtype=str)
-        a[...] = values.astype(np.dtypes.StringDType())
-    else:
-        a = group.create_array(name, shape=values.shape, chunks=(chunk,), dtype=values.dtype)
-        a[...] = values
+    writer.write_conditions_table(root, [model.conditions[i] for i in perm], model.num_cells[perm],
+                                  pair.argmax(axis=1), (pair > 0).sum(axis=1))
+    genes = model.genes
+    writer.write_genes_table(root, genes, source_names=genes, source_index=np.arange(len(genes)),
+                             perturbed=model.perturbed, has_go=np.ones(len(genes), dtype=bool),
+                             highly_variable=np.zeros(len(genes), dtype=bool))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -112,10 +112,9 @@ def _train_and_evaluate(cfg_dict: dict, store_path: str, run_dir: str, keys: dic
         warnings.simplefilter("ignore")
         summary = run_worker(cfg, store_path, run_dir, 0, 1, keys=keys)
     if parent_run_id and summary.get("mlflow_run_id") and cfg.tracking.enabled:
-        import mlflow
+        from gears_dist.train import tracking
 
-        mlflow.MlflowClient(tracking_uri=cfg.tracking.uri).set_tag(summary["mlflow_run_id"], "mlflow.parentRunId",
-                                                                   parent_run_id)
+        tracking.client(cfg.tracking.uri).set_tag(summary["mlflow_run_id"], tracking.PARENT_TAG, parent_run_id)
     model = TrainedPredictor.load(run_dir)
     split = load_split(model.store, keys["split"])
     ev = evaluate_split(model.store, split, {"model": model}, baselines=())

@@ -17,6 +17,10 @@ What a training run holds in MLflow (``Tracker.start_training`` / ``log_epoch`` 
 - artifacts: ``config.json``, ``split.txt``, ``model/`` (model.pt, model.json), ``summary.json`` and the
   figures training made (``figures/learning_curves.png``). ``gears-dist evaluate`` adds its metrics and
   ``evaluation/`` (tables, figures) to the same run through ``log_to_run``.
+
+This is the one module of gears_dist that imports MLflow: the search (``gears_dist.tune.runs``) and the
+multi-split evaluation get their client from `client` and log through `log_batch` (plain dicts in, MLflow
+entities built here); a child run names its parent with the tag `PARENT_TAG`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,29 @@ from typing import Any
 
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
 DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as the run's description
+PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a run carrying it under that parent in the UI
+
+
+def client(uri: str):
+    """An ``mlflow.MlflowClient`` for the tracking URI `uri`."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def log_batch(mlflow_client, run_id: str, *, params: dict | None = None, metrics: dict | None = None,
+              tags: dict | None = None, step: int = 0, batch: int = 100) -> None:
+    """Log plain dicts to a run, `batch` entries per request: params and tags (values as str), metrics (floats,
+    at `step`, timestamped now)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    entries = {"params": [Param(k, str(v)) for k, v in sorted((params or {}).items())],
+               "metrics": [Metric(k, float(v), now, int(step)) for k, v in sorted((metrics or {}).items())],
+               "tags": [RunTag(k, str(v)) for k, v in (tags or {}).items()]}
+    for kind, items in entries.items():
+        for i in range(0, len(items), batch):
+            mlflow_client.log_batch(run_id, **{kind: items[i:i + batch]})
 
 
 def resolve_tracking_uri(uri: str | None, run_dir: str | os.PathLike) -> str:
@@ -127,9 +154,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         try:
-            import mlflow
-
-            self._client = mlflow.MlflowClient(tracking_uri=self.uri)
+            self._client = client(self.uri)
             if self.run_id is None:
                 run = self._client.create_run(experiment_id(self._client, experiment, self.uri), run_name=run_name)
                 self.run_id = run.info.run_id
@@ -158,25 +183,15 @@ class Tracker:
             self._fail(exc)
 
     def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 100):
-            self._call(lambda batch: self._client.log_batch(self.run_id, params=batch), items[i:i + 100])
+        self._call(lambda: log_batch(self._client, self.run_id, params=params))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())
-                 if isinstance(v, (int, float)) and not math.isnan(v)]
+        items = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
         if items:
-            self._call(lambda: self._client.log_batch(self.run_id, metrics=items))
+            self._call(lambda: log_batch(self._client, self.run_id, metrics=items, step=step, batch=1000))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._call(lambda: self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+        self._call(lambda: log_batch(self._client, self.run_id, tags=tags))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
@@ -240,26 +255,20 @@ def log_to_run(metrics: dict[str, float], artifacts=(), *, run_id: str | None = 
 
     The tracking URI defaults to $MLFLOW_TRACKING_URI (MLflow 3 refuses the file store: use
     ``sqlite:///path/mlflow.db``)."""
-    import mlflow
-    from mlflow.entities import Metric
-
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise ValueError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///runs/x/mlflow.db) or set "
                          "MLFLOW_TRACKING_URI")
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    mlflow_client = client(uri)
     if run_id is None:
-        run_id = client.create_run(experiment_id(client, experiment, uri), run_name=run_name).info.run_id
+        run_id = mlflow_client.create_run(experiment_id(mlflow_client, experiment, uri), run_name=run_name).info.run_id
         created = True
     else:
-        client.get_run(run_id)  # fails clearly on an unknown id
+        mlflow_client.get_run(run_id)  # fails clearly on an unknown id
         created = False
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())]
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
+    log_batch(mlflow_client, run_id, metrics=metrics, step=step, batch=500)
     for path in artifacts:
-        client.log_artifact(run_id, str(path), artifact_path)
+        mlflow_client.log_artifact(run_id, str(path), artifact_path)
     if created:
-        client.set_terminated(run_id)
+        mlflow_client.set_terminated(run_id)
     return run_id

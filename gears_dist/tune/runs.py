@@ -4,6 +4,8 @@ Children carry the tags ``mlflow.parentRunId`` (MLflow nests them under the pare
 ``gears_dist.trial_id`` (the Tune trial id); a trial finds its own child run again by those tags when it is
 restarted (resumed search). Final states: ``FINISHED`` with tag ``gears_dist.trial_status`` = ``completed``
 or ``early_stopped`` (stopped by the scheduler), and ``FAILED`` with ``failed`` and the error's first line.
+
+The functions take a client from ``gears_dist.train.tracking.client`` (the one module that imports MLflow).
 """
 
 from __future__ import annotations
@@ -13,40 +15,18 @@ import pathlib
 import warnings
 from typing import Any
 
+from gears_dist.train.tracking import PARENT_TAG, log_batch
+
 TRIAL_TAG = "gears_dist.trial_id"
 STATUS_TAG = "gears_dist.trial_status"
-PARENT_TAG = "mlflow.parentRunId"
 BEST_TAG = "gears_dist.best_trial"
 ERROR_TAG = "gears_dist.error"
 COMPLETED, EARLY_STOPPED, FAILED = "completed", "early_stopped", "failed"
 
 
-def resolve_uri(uri: str | None, out: str | os.PathLike) -> str:
-    from gears_dist.train.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(uri, out)
-
-
-def client(uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(mlflow_client, name: str) -> str:
-    from gears_dist.train.tracking import experiment_id as shared
-
-    return shared(mlflow_client, name, mlflow_client.tracking_uri)
-
-
 def create_parent(mlflow_client, exp_id: str, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
-    from mlflow.entities import Param, RunTag
-
     run = mlflow_client.create_run(exp_id, run_name=name, tags={"gears_dist.kind": "search", **tags})
-    items = [Param(k, v) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        mlflow_client.log_batch(run.info.run_id, params=items[i:i + 100])
-    mlflow_client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    log_batch(mlflow_client, run.info.run_id, params=params, tags=tags)
     return run.info.run_id
 
 
@@ -73,12 +53,10 @@ def get_or_create_child(mlflow_client, exp_id: str, parent_id: str, trial_id: st
 
 def finish_child(mlflow_client, run_id: str, status: str, error: str | None = None,
                  extra_tags: dict[str, Any] | None = None) -> None:
-    from mlflow.entities import RunTag
-
     tags = {STATUS_TAG: status, **(extra_tags or {})}
     if error:
         tags[ERROR_TAG] = error.strip().splitlines()[0][:4000] if error.strip() else "error"
-    mlflow_client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    log_batch(mlflow_client, run_id, tags=tags)
     mlflow_client.set_terminated(run_id, status="FAILED" if status == FAILED else "FINISHED")
 
 

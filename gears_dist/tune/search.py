@@ -37,7 +37,7 @@ import yaml
 
 from gears_dist.config import to_dict
 from gears_dist.data.store import atomic_write_text
-from gears_dist.train.tracking import flatten_params
+from gears_dist.train import tracking
 from gears_dist.tune import runs
 from gears_dist.tune.config import (
     ParamSpec,
@@ -113,9 +113,7 @@ def _make_reporter_class():
             epoch = int(first["epoch"])
             if self.run_id is not None:
                 if self._tracker is None:
-                    from gears_dist.train.tracking import Tracker
-
-                    self._tracker = Tracker(True, self.tracking_uri, ".", "unused", run_id=self.run_id)
+                    self._tracker = tracking.Tracker(True, self.tracking_uri, ".", "unused", run_id=self.run_id)
                 self._tracker.log_metrics({k: v for k, v in first.items() if k != "epoch"}, step=epoch)
             report = {**first, TIME_ATTR: epoch + 1, self.metric: objective(first.get(self.metric), self.mode)}
             super().after_report(run_context, [report], checkpoint)
@@ -136,7 +134,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     space = {p: ParamSpec(**s) for p, s in ctx["space"].items()}
     params = decode_params(space, config)
-    client = runs.safely(runs.client, ctx["tracking_uri"], what="MLflow client")
+    client = runs.safely(tracking.client, ctx["tracking_uri"], what="MLflow client")
     run_id = None
     if client is not None:
         got = runs.safely(runs.get_or_create_child, client, ctx["experiment_id"], ctx["parent_run_id"], trial_id,
@@ -150,10 +148,8 @@ def run_trial(config: dict, ctx: dict) -> None:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(run_dir / "params.json", json.dumps(params, indent=1, sort_keys=True))
         if client is not None and run_id is not None:
-            from gears_dist.train.tracking import Tracker
-
-            tracker = Tracker(True, ctx["tracking_uri"], run_dir, "unused", run_id=run_id)
-            tracker.log_params(flatten_params(to_dict(cfg)))
+            tracker = tracking.Tracker(True, ctx["tracking_uri"], run_dir, "unused", run_id=run_id)
+            tracker.log_params(tracking.flatten_params(to_dict(cfg)))
         resume = (run_dir / "ray" / cfg.name).exists()  # a restarted trial continues its Ray Train run
         reporter = _make_reporter_class()(ctx["tracking_uri"], run_id, ctx["metric"], ctx["mode"],
                                           ray.get_runtime_context().current_actor)
@@ -170,11 +166,8 @@ def run_trial(config: dict, ctx: dict) -> None:
         final = {f"final_{k}": float(v) for k, v in (summary.get("final") or {}).items()
                  if isinstance(v, (int, float))}
         history = summary.get("history") or []
-        if final:
-            from mlflow.entities import Metric
-
-            items = [Metric(k, v, 0, len(history)) for k, v in sorted(final.items()) if math.isfinite(v)]
-            runs.safely(client.log_batch, run_id, metrics=items, what="MLflow final metrics")
+        final = {k: v for k, v in final.items() if math.isfinite(v)}
+        runs.safely(tracking.log_batch, client, run_id, metrics=final, step=len(history), what="MLflow final metrics")
         for name in ("config.yaml", "summary.json"):
             runs.safely(runs.log_artifact, client, run_id, run_dir / name, what="MLflow artifact")
         runs.safely(runs.finish_child, client, run_id, runs.COMPLETED, extra_tags={"gears_dist.epochs": len(history)},
@@ -264,7 +257,7 @@ def _status_callback_class():
             self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
 
         def _child(self, trial):
-            client = runs.client(self.tracking_uri)
+            client = tracking.client(self.tracking_uri)
             params = {k: v for k, v in (trial.config or {}).items()}
             run_id, _ = runs.get_or_create_child(client, self.experiment_id, self.parent_run_id, trial.trial_id,
                                                  str(trial), params)
@@ -272,7 +265,7 @@ def _status_callback_class():
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             def close():
-                found = runs.find_child(runs.client(self.tracking_uri), self.experiment_id, self.parent_run_id,
+                found = runs.find_child(tracking.client(self.tracking_uri), self.experiment_id, self.parent_run_id,
                                         trial.trial_id)
                 if found is not None and found.info.status != "RUNNING":
                     return  # the trial closed its own run (completed)
@@ -284,7 +277,7 @@ def _status_callback_class():
 
         def on_trial_error(self, iteration, trials, trial, **info):
             def close():
-                found = runs.find_child(runs.client(self.tracking_uri), self.experiment_id, self.parent_run_id,
+                found = runs.find_child(tracking.client(self.tracking_uri), self.experiment_id, self.parent_run_id,
                                         trial.trial_id)
                 if found is not None and found.info.status == "FAILED":
                     return
@@ -411,19 +404,19 @@ def _start_tracking(tcfg: TuneConfig, base: dict, out: pathlib.Path, store: str,
     if resume:
         if state is None:
             raise ValueError(f"--resume: {str(out)!r} holds no search ({STATE_FILE} missing); drop --resume to start")
-        client = runs.client(state["tracking_uri"])
+        client = tracking.client(state["tracking_uri"])
         client.update_run(state["parent_run_id"], status="RUNNING")
         return state
     if state is not None:
         raise ValueError(f"{str(out)!r} already holds search {state.get('name')!r}; pass --resume to continue it, "
                          f"or choose another --out")
-    uri = runs.resolve_uri(tcfg.tracking.uri, out)
+    uri = tracking.resolve_tracking_uri(tcfg.tracking.uri, out)
     experiment = tcfg.tracking.experiment or base.get("tracking", {}).get("experiment") or "gears_dist"
-    client = runs.client(uri)
-    exp_id = runs.experiment_id(client, experiment)
+    client = tracking.client(uri)
+    exp_id = tracking.experiment_id(client, experiment, uri)
     cfg_dict = to_dict(tcfg)
     cfg_dict.pop("source_dir", None)
-    params = flatten_params({k: v for k, v in cfg_dict.items() if k not in ("space", "base", "overrides")})
+    params = tracking.flatten_params({k: v for k, v in cfg_dict.items() if k not in ("space", "base", "overrides")})
     params.update({f"space.{p}": json.dumps(to_dict(s), sort_keys=True) for p, s in tcfg.space.items()})
     params["base"] = str(tcfg.base) if isinstance(tcfg.base, str) else "inline"
     parent = runs.create_parent(client, exp_id, tcfg.name, params, {"store": store})
@@ -472,7 +465,7 @@ def run_search(tcfg: TuneConfig, store: str | os.PathLike, out: str | os.PathLik
            "parent_run_id": state["parent_run_id"], "metric": tcfg.metric, "mode": tcfg.mode,
            "resources": dataclasses.asdict(tcfg.resources)}
     trainable = trial_trainable(ctx, tcfg.resources.driver_cpus)
-    client = runs.client(state["tracking_uri"])
+    client = tracking.client(state["tracking_uri"])
     try:
         if resume:
             print(f"gears-dist tune: resuming {exp_path}", flush=True)
