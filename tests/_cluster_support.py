@@ -3,6 +3,7 @@ CLI, a tiny training config, free ports, and killing exactly the processes a tes
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -142,3 +143,23 @@ def stop_process_tree(proc: subprocess.Popen, marker: str, grace: float = 30.0) 
     if proc.poll() is None:
         proc.kill()
     return killed
+
+
+def check_worker_records(run_dir, store, world):
+    """The run's RUN/workers/rank<r>.json: disjoint shards that cover the training conditions, and each
+    worker read training cells of its own shard's conditions only. Returns the records."""
+    from gears_dist.data.splits import load_split
+    from gears_dist.data.store import open_store
+
+    opened = open_store(store["path"])
+    controls = {n for n, g in zip(opened.condition_names, opened.condition_genes()) if not g}
+    train = set(load_split(opened, store["split"]).train) - controls
+    records = [json.loads((run_dir / "workers" / f"rank{r}.json").read_text()) for r in range(world)]
+    assert [r["rank"] for r in records] == list(range(world))
+    shards = [set(r["shard_conditions"]) for r in records]
+    assert set().union(*shards) == train
+    assert sum(len(s) for s in shards) == len(train), "shards overlap"
+    for r, shard in zip(records, shards):
+        assert r["conditions_read"], r
+        assert set(r["conditions_read"]) <= shard, (r["rank"], sorted(set(r["conditions_read"]) - shard))
+    return records

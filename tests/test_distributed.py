@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from _cluster_support import check_worker_records
 
 from gears_dist.train import checkpoint as ckpt
 from gears_dist.train.config import run_config_from_dict
@@ -52,6 +53,8 @@ def test_two_workers_graph_sharded_with_failure_recovery(ray_local, tiny_train_s
     # graph sharding: each worker's GO GNN runs on its halo only, not on every node
     assert history[-1]["go_nodes_used"] < len(meta["go_nodes"])
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    records = check_worker_records(tmp_path, tiny_train_store, 2)
+    assert all(r["ray_node_id"] for r in records)
 
 
 def test_existing_run_needs_resume_flag(ray_local, tiny_train_store, tmp_path):
@@ -69,3 +72,22 @@ def test_two_worker_loss_curve_matches_one_worker(ray_local, tiny_train_store, t
     l2 = np.array([h["train_loss"] for h in two["history"]])
     print(f"W=1 train loss {np.round(l1, 4).tolist()}  W=2 train loss {np.round(l2, 4).tolist()}")
     assert np.all(np.abs(l1 - l2) / l1 < 0.15), (l1, l2)
+
+
+def test_final_metrics_are_those_of_the_saved_model_when_ranks_batchnorm_differ(ray_local, tiny_train_store,
+                                                                                  tmp_path):
+    """Without sync_batchnorm each rank's BatchNorm statistics come from its own shard, so the ranks' copies of
+    the model differ; the final metrics (evaluated by both ranks, conditions dealt round-robin) must still be
+    those of the one saved model, as a single process evaluating model/ finds them."""
+    import gears_dist as gd
+
+    cfg = _cfg(2, 16, epochs=1, model={"sync_batchnorm": False}, tracking={"enabled": False})
+    summary = _train(cfg, tiny_train_store, tmp_path)
+    table = gd.load_run(tmp_path).evaluate(baselines=[]).set_index(["predictor", "category"])
+    checked = 0
+    for (predictor, category), row in table.iterrows():
+        key = "test_mse" if category == "all" else f"test_{category}_mse"
+        if key in summary["final"] and row["num_conditions"] >= 2:  # both ranks evaluated some
+            assert row["mse"] == pytest.approx(summary["final"][key], rel=1e-4), category
+            checked += 1
+    assert checked >= 2, table

@@ -101,14 +101,14 @@ def test_hyperparameters_are_fitted_leave_one_out_and_low_rank_is_close():
     assert np.abs(exact - approx).max() < np.abs(exact).max()  # a rank-2 view of 5 deltas: close, not equal
 
 
-def _model_with_prior(seed=0, gain=False) -> tuple[GEARSModel, SetPrior]:
+def _model_with_prior(seed=0, gain=False, gene_symbols=None) -> tuple[GEARSModel, SetPrior]:
     torch.manual_seed(seed)
     g = _graph()
     ei, ew = g.to_torch()
     co = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]])
     model = GEARSModel(ModelConfig(hidden_size=8, prior="go", prior_gain=gain), NUM_GENES, len(NODES), ei, ew, co,
                        None)
-    fit = _fit(k=3, tau=0.1)[0]
+    fit = _fit(k=3, tau=0.1, gene_symbols=gene_symbols)[0]
     prior = SetPrior(fit)
     model.attach_prior(prior)
     return model, prior
@@ -292,3 +292,22 @@ def test_residual_only_on_sets_of_observed_genes(residual):
     pred, _ = model(x, perts, torch.arange(5))
     moved = (pred - prior(perts, cross_fit=True)).abs().amax(1) > 0.1
     assert moved.tolist() == ([False, False, True, False, False] if residual == "observed" else [True] * 5)
+
+
+def test_gains_leave_the_targets_own_expression_alone():
+    # Genes N0, N3 and N6 are measured (columns 4, 0 and 11); a perturbation sets its target's own expression.
+    symbols = [f"G{j}" for j in range(NUM_GENES)]
+    symbols[4], symbols[0], symbols[11] = "N0", "N3", "N6"
+    model, prior = _model_with_prior(gain=True, gene_symbols=symbols)
+    assert prior.node_column[[0, 3, 6, 1]].tolist() == [4, 0, 11, -1]
+    perts = torch.tensor([[0, -1], [0, 1], [3, 6], [1, 2]])
+    own = prior.own_columns(perts, NUM_GENES)
+    assert [torch.nonzero(r).flatten().tolist() for r in own] == [[4], [4], [0, 11], []]
+    with torch.no_grad():
+        model.gain_mlp[-1].bias.fill_(0.5)
+    model.eval()
+    observed = ~prior.estimated(perts).any(1)
+    base = prior(perts)
+    scale = torch.where(observed.unsqueeze(1) & ~own, 1.5, 1.0)
+    torch.testing.assert_close(model.predict_delta(perts), scale * base)
+    assert observed[1] and not own[1, 0]  # a set that is scaled, outside its target's column

@@ -255,6 +255,7 @@ class ShardLoader:
         self._spare_buffer: np.ndarray | None = None
         self._buffer_lock = threading.Lock()
         self.bytes_read = 0
+        self.conditions_read = np.zeros(num_conditions, dtype=bool)  # whose training cells were read (records)
         self.max_buffered_cells = 0  # most cells held in the shuffle buffer at once (memory bound check)
         self.epoch = 0
         self.step = 0
@@ -351,6 +352,7 @@ class ShardLoader:
             t = np.asarray(read_checked(self._obs_type, slice(a, b))).astype(np.int64)
             conds.append(c if whole else c[keep])
             types.append(t if whole else t[keep])
+            self.conditions_read[conds[-1]] = True
         assert at == n, (at, n)
         return np.concatenate(rows), y, np.concatenate(conds), np.concatenate(types)
 

@@ -385,8 +385,12 @@ def _train_loop_per_worker(config: dict) -> None:
 
     from gears_dist.train.loop import run_worker
 
+    import ray
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # which Ray node ran this rank: the run's own record of the placement (RUN/workers/rank<r>.json)
+    node = {"ray_node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
     if not config.get("verbose"):
         # e.g. torch's all_gather_into_tensor deprecation, from DeepSpeed, on every step: not the user's to act on
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!gears_dist\.)")
@@ -400,7 +404,8 @@ def _train_loop_per_worker(config: dict) -> None:
         fail_at = config.get("fail_at_epoch") if rank == world - 1 else None
         try:
             summary = run_worker(cfg, config["store"], config["run_dir"], rank, world, reporter=RayReporter(),
-                                 keys=config["keys"], resume_from=resume_dir, fail_at_epoch=fail_at)
+                                 keys=config["keys"], resume_from=resume_dir, fail_at_epoch=fail_at,
+                                 worker_info=node)
         finally:
             if copy:
                 shutil.rmtree(copy, ignore_errors=True)
@@ -454,7 +459,8 @@ def train_with_ray(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str |
                            "resume_dir": str(start[0]) if start else None, "resume_epoch": start[1] if start else None,
                            "verbose": verbose(), "relayed": relayed},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=s.use_gpu, resources_per_worker=per_worker),
+        scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=s.use_gpu, resources_per_worker=per_worker,
+                                               placement_strategy=s.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),

@@ -196,14 +196,18 @@ class GEARSModel(nn.Module):
         if self.gain_mlp is None:
             return delta + self.prior(perts, cross_fit=self.training, as_unseen=as_unseen)
         parts = self.prior.members(perts, cross_fit=self.training, as_unseen=as_unseen)   # [U, K, G]
-        gains = self._prior_gains(perts, parts, as_unseen, go_table)
+        # Gains act downstream only: a target's own expression is set by its perturbation, whatever its partners do
+        # (and it would dominate the features: the perturbed gene's own change is the largest of its profile).
+        own = self.prior.own_columns(perts, parts.shape[-1])
+        downstream = parts * (~own).unsqueeze(1).to(parts.dtype)
+        gains = self._prior_gains(perts, downstream, as_unseen, go_table)
         if self.cfg.prior_residual == "observed":
             gains = gains * observed.unsqueeze(1).to(gains.dtype)
-        return delta + ((1.0 + gains).unsqueeze(-1) * parts).sum(1)
+        return delta + parts.sum(1) + (gains.unsqueeze(-1) * downstream).sum(1)
 
     def _prior_gains(self, perts: Tensor, parts: Tensor, as_unseen: Tensor | None,
                      go_table: tuple[Tensor, Tensor | None] | None) -> Tensor:
-        """[U, K] gain of each gene's part of the prior (0 for padding)."""
+        """[U, K] gain of each gene's downstream part of the prior (0 for padding)."""
         emb, valid = self._member_embeddings(perts, go_table)
         emb = emb.float()
         others = emb.sum(1, keepdim=True) - emb

@@ -75,6 +75,9 @@ class PriorFit:
     k: int
     tau: float
     loo_mse: float              # leave-one-out MSE of the fitted estimate over the training singles
+    # [P] expression column of each node's own gene (-1: not measured). A perturbation sets its target's own
+    # expression directly (CRISPRa up, CRISPRi down), whatever its partners do: gains on the prior leave it alone.
+    node_column: np.ndarray | None = None
 
     def summary(self) -> str:
         lowrank = "exact" if self.basis is None else f"rank {self.basis.shape[0]}"
@@ -132,13 +135,14 @@ def _apply(coef: tuple[np.ndarray, np.ndarray], residuals: np.ndarray) -> np.nda
 def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mean_delta: np.ndarray,
                  doubles: Sequence[tuple[str, ...]] = (), double_deltas: np.ndarray | None = None,
                  max_exact_mb: float = 64.0, rank: int = 256, seed: int = 0, k: int | None = None,
-                 tau: float | None = None) -> PriorFit:
+                 tau: float | None = None, gene_symbols: Sequence[str] | None = None) -> PriorFit:
     """Fit the prior from the training singles' and doubles' deltas (condition mean - control mean).
 
     go: the GO graph (GeneGraph: nodes, edge_index, edge_weight). single_genes [T] / single_deltas [T, G]: the
     training singles; mean_delta [G]: the train-mean delta; doubles / double_deltas: the training sets of two or
     more genes (beta from the pairs; derived genes from all). The training conditions only: nothing here may see validation or test conditions. k / tau: fixed
-    values instead of the leave-one-out fit (both or neither)."""
+    values instead of the leave-one-out fit (both or neither). gene_symbols [G]: the expression columns' genes
+    (``node_column``; None: no node has a column)."""
     single_deltas = np.asarray(single_deltas, dtype=np.float64)
     mean_delta = np.asarray(mean_delta, dtype=np.float64)
     num_singles, num_genes = single_deltas.shape if single_deltas.ndim == 2 else (0, mean_delta.shape[0])
@@ -267,7 +271,14 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
     return PriorFit(nodes=list(go.nodes), single_genes=genes, mean_delta=mean_delta, rows=rows, basis=basis,
                     eval_index=eval_index, eval_weight=eval_weight, loo_index=loo_index, loo_weight=loo_weight,
                     seen=seen, derived=derived, combo_index=combo_index, combo_weight=float(combo_weight),
-                    beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse))
+                    beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse),
+                    node_column=node_columns(go.nodes, gene_symbols))
+
+
+def node_columns(nodes: Sequence[str], gene_symbols: Sequence[str] | None) -> np.ndarray:
+    """[P] the expression column of each GO node's gene, -1 where it is not measured."""
+    column = {g: j for j, g in enumerate(gene_symbols or ())}
+    return np.array([column.get(n, -1) for n in nodes], dtype=np.int64)
 
 
 def _combination_deltas(combos: Sequence[tuple[str, ...]], combo_deltas: np.ndarray, seen_delta: dict[str, np.ndarray],
@@ -343,7 +354,8 @@ def fit_from_store(store, train_conditions: Sequence[str], go, max_exact_mb: flo
     singles = [i for i, g in enumerate(genes) if len(g) == 1]
     combos = [i for i, g in enumerate(genes) if len(g) >= 2]
     return fit_go_prior(go, [genes[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
-                        [genes[i] for i in combos], deltas[combos], max_exact_mb=max_exact_mb, rank=rank)
+                        [genes[i] for i in combos], deltas[combos], max_exact_mb=max_exact_mb, rank=rank,
+                        gene_symbols=store.genes)
 
 
 class SetPrior(nn.Module):
@@ -369,10 +381,12 @@ class SetPrior(nn.Module):
                 "seen": torch.as_tensor(fit.seen), "derived": torch.as_tensor(fit.derived),
                 "combo_index": torch.as_tensor(fit.combo_index),
                 "beta_unseen": torch.tensor(float(fit.beta_unseen)),
+                "node_column": torch.as_tensor(fit.node_column if fit.node_column is not None
+                                               else np.full(len(fit.nodes), -1, dtype=np.int64)),
             }
         elif shapes is not None:
             dtypes = {"eval_index": torch.long, "loo_index": torch.long, "seen": torch.bool, "derived": torch.bool,
-                      "combo_index": torch.long}
+                      "combo_index": torch.long, "node_column": torch.long}
             tensors = {k: torch.zeros(s, dtype=dtypes.get(k, torch.float32)) for k, s in shapes.items()}
         else:
             raise ValueError("SetPrior: pass a PriorFit, or the buffer shapes of a saved one (from_state_dict)")
@@ -380,7 +394,7 @@ class SetPrior(nn.Module):
             self.register_buffer(name, t)
 
     BUFFERS = ("mean_delta", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight", "seen",
-               "derived", "combo_index", "beta_unseen")
+               "derived", "combo_index", "beta_unseen", "node_column")
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "prior.") -> SetPrior:
@@ -391,6 +405,7 @@ class SetPrior(nn.Module):
             seen = state[prefix + "seen"]
             state.setdefault(prefix + "derived", torch.zeros_like(seen))
             state.setdefault(prefix + "combo_index", torch.full(seen.shape, -1, dtype=torch.long))
+            state.setdefault(prefix + "node_column", torch.full(seen.shape, -1, dtype=torch.long))
         missing = [b for b in cls.BUFFERS if prefix + b not in state]
         if missing:
             raise ValueError(f"saved weights lack the prior's {missing} (keys '{prefix}*'): the model was trained "
@@ -420,6 +435,13 @@ class SetPrior(nn.Module):
         out = valid & ~self.seen[perts.clamp_min(0)]
         loo = self._loo_genes(perts, cross_fit, as_unseen)
         return out if loo is None else out | loo
+
+    def own_columns(self, perts: Tensor, num_genes: int) -> Tensor:
+        """[U, G] bool: the expression columns of each set's own genes (see PriorFit.node_column)."""
+        col = torch.where(perts >= 0, self.node_column[perts.clamp_min(0)], -1)
+        own = torch.zeros(perts.shape[0], num_genes + 1, dtype=torch.bool, device=perts.device)
+        own.scatter_(1, torch.where(col >= 0, col, num_genes), True)  # -1 lands in the spare last column
+        return own[:, :num_genes]
 
     def members(self, perts: Tensor, cross_fit: bool = False, as_unseen: Tensor | None = None) -> Tensor:
         """[U, K, G]: each gene's part of prior(S) (zero for padding); they sum to forward(perts). A gene's part is

@@ -127,6 +127,9 @@ class ScalingConfig:
     max_failures: int = 0
     num_checkpoints_to_keep: int = 2
     object_store_mb: int = 256          # local Ray only (small for 2-core / 24 GB machines)
+    # Ray's placement of the workers' bundles: PACK (default) fills a node first; STRICT_SPREAD puts each
+    # worker on its own node (a run then needs num_workers nodes and waits for them).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def validate(self) -> None:
         require(self.num_workers >= 1, "num_workers", f"expected >= 1, received {self.num_workers}")
@@ -136,6 +139,9 @@ class ScalingConfig:
         require(self.num_checkpoints_to_keep >= 1, "num_checkpoints_to_keep",
                 f"expected >= 1, received {self.num_checkpoints_to_keep}")
         require(self.object_store_mb >= 64, "object_store_mb", f"expected >= 64, received {self.object_store_mb}")
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        require(self.placement_strategy in strategies, "placement_strategy",
+                f"expected one of {list(strategies)}, received {self.placement_strategy!r}")
 
 
 @dataclasses.dataclass

@@ -161,6 +161,7 @@ class Worker:
     val_conditions: np.ndarray
     go_nodes_used: int
     steps_per_opt_epoch: int
+    shard_conditions: np.ndarray | None = None  # training conditions this worker owns (graph sharding)
 
 
 class LrFactor:
@@ -226,6 +227,7 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
         part_of = load_partition(store, keys["partition"]).part_of_condition
     plan = plan_shard(store, train_idx, rank, world_size, sharding=cfg.sharding.mode, part_of_condition=part_of,
                       include_controls=cfg.data.loader.include_controls, seed=cfg.seed)
+    shard = train_idx if part_of is None else train_idx[part_of[train_idx] == rank]
     loader = ShardLoader(store, plan, pert_index, cfg.data.loader, seed=cfg.seed, device=device)
 
     fit = None
@@ -262,7 +264,7 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
                                            config=deepspeed_config(cfg, world_size))
     ctrl_mean = torch.from_numpy(np.asarray(store.root["stats/control_mean"][...], np.float32)).to(device)
     return Worker(cfg, store, rank, world_size, device, keys, engine, loader, ctrl_mean, names, list(go.nodes),
-                  pert_index, split, val_idx, go_nodes_used, opt_steps)
+                  pert_index, split, val_idx, go_nodes_used, opt_steps, shard)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,7 +492,8 @@ class LocalReporter:
 
 def run_worker(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str | os.PathLike, rank: int = 0,
                world_size: int = 1, *, reporter: Any = None, keys: dict | None = None,
-               resume_from: str | os.PathLike | None = None, fail_at_epoch: int | None = None) -> dict:
+               resume_from: str | os.PathLike | None = None, fail_at_epoch: int | None = None,
+               worker_info: dict | None = None) -> dict:
     """Train one worker's share of the run; returns the final summary (the same on every rank).
 
     reporter: where checkpoints go (default: ``LocalReporter(run_dir)``, which also resumes from
@@ -575,12 +578,44 @@ def run_worker(cfg: RunConfig, store_path: str | os.PathLike, run_dir: str | os.
             raise RuntimeError(f"injected failure after epoch {epoch} (test hook)")
 
     summary = finish_run(w, best_state, history, best, run_dir, tracker)
+    write_worker_record(w, run_dir, worker_info)
     return summary
+
+
+WORKERS_DIR = "workers"
+
+
+def write_worker_record(w: Worker, run_dir: pathlib.Path, worker_info: dict | None = None) -> pathlib.Path:
+    """``RUN/workers/rank<r>.json``: where this rank ran (host, pid, and the launcher's `worker_info`, e.g. the
+    Ray node) and what it read: the training conditions of its shard and those whose cells its loader read
+    (since this process started), so a run shows its own placement and that no worker read another's shard."""
+    names = w.condition_names
+    is_ctrl = np.asarray(w.store.array("conditions/is_control"), dtype=bool)
+    read = np.flatnonzero(w.loader.conditions_read & ~is_ctrl)
+    record = {"rank": w.rank, "world_size": w.world_size, "host": socket.gethostname(), "pid": os.getpid(),
+              **(worker_info or {}), "sharding": w.cfg.sharding.mode,
+              "shard_conditions": None if w.shard_conditions is None else [names[i] for i in w.shard_conditions],
+              "shard_cells": w.loader.plan.num_cells, "conditions_read": [names[i] for i in read],
+              "bytes_read": int(w.loader.bytes_read), "go_nodes_used": int(w.go_nodes_used)}
+    path = run_dir / WORKERS_DIR / f"rank{w.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)  # every rank: a rank on another node may be first
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return path
 
 
 def finish_run(w: Worker, best_state: dict | None, history: list, best: dict | None, run_dir: pathlib.Path,
                tracker: Tracker | None) -> dict:
     """Restore the best weights, evaluate val and test per category, write model/ and summary.json."""
+    if w.world_size > 1 and _dist():
+        # Every rank evaluates with, and rank 0 saves, one model: rank 0's. The ranks' copies can differ (without
+        # sync_batchnorm each rank's BatchNorm statistics come from its own shard; a rank restarted from a
+        # checkpoint holds rank 0's copy), and the final metrics must be those of the saved model, whether or
+        # not the run was restarted.
+        box = [(best_state if best_state is not None else full_state_dict(w)) if w.rank == 0 else None]
+        if w.rank != 0 and best_state is None:
+            full_state_dict(w)  # ZeRO-3: the gather is collective
+        torch.distributed.broadcast_object_list(box, src=0)
+        best_state = box[0]
     if best_state is not None:
         load_full_state_dict(w, best_state)
     w.engine.module.restrict_go(None)  # test conditions lie outside a worker's training halo
