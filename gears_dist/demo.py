@@ -31,56 +31,54 @@ def _step(title: str) -> float:
 
 
 def run_demo(out: str | pathlib.Path, config: str | pathlib.Path | None = None) -> int:
-    from gears_dist.data import ingest, splits, synthetic
-    from gears_dist.data.store import StoreError, open_store
-    from gears_dist.distributed.launcher import train_with_ray
+    """The whole pipeline through the Python API (``gears_dist.api``: what a notebook would call), with a short
+    account of each step on the terminal. Returns 0."""
+    from gears_dist import api as gd
+    from gears_dist.data import synthetic
+    from gears_dist.data.store import StoreError
     from gears_dist.evaluate.commands import evaluate_run
-    from gears_dist.graphs.build import ensure_graphs
-    from gears_dist.train.config import load_run_config
     from gears_dist.train.loop import resolve_split_key
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = pathlib.Path(config) if config else CONFIGS / "demo.yaml"
-    cfg = load_run_config(config)
+    cfg = gd.resolve_config(pathlib.Path(config) if config else CONFIGS / "demo.yaml")
     h5ad, store_path = out / "screen.h5ad", out / "screen.zarr"
 
     t = _step(f"1/5 simulate a screen (preset 'demo') -> {h5ad}")
     if h5ad.exists():
         print("   exists, reusing")
     else:
-        synthetic.write_h5ad(synthetic.preset("demo"), h5ad)
+        # the file a user brings, with the ground truth beside it (gears-dist simulate)
+        synthetic.write_screen(h5ad, "demo", num_workers=1)
         print(f"   {time.perf_counter() - t:.1f} s")
 
     t = _step(f"2/5 ingest -> {store_path}")
     try:
-        store = open_store(store_path)
+        store = gd.open_store(store_path)
         print("   exists, reusing")
     except StoreError:
-        store = ingest.ingest(h5ad, store_path, overwrite=True)
+        store = gd.ingest(h5ad, store_path, overwrite=True)
         print(f"   {store.num_cells} cells x {store.num_genes} genes, "
               f"{len(store.condition_names)} conditions, {time.perf_counter() - t:.1f} s")
 
     key = resolve_split_key(cfg)
     t = _step(f"3/5 split {key} and graphs")
-    if not open_store(store_path).has_component("splits", key):
-        splits.make_and_save_split(store_path, cfg.data.split_kind, cfg.data.split_seed, key=key)
-    split = splits.load_split(store_path, key)
+    split = store.split(cfg.data.split_kind, cfg.data.split_seed, name=key)
     print(f"   train {len(split.train)}, val {len(split.val)}, test {len(split.test)} conditions; test: "
           + ", ".join(f"{c} {len(n)}" for c, n in sorted(split.test_categories().items())))
-    bundle = ensure_graphs(open_store(store_path, mode="r+"), cfg.graphs, key)
+    bundle = store.build_graphs(cfg, split=split)
     print(f"   GO graph: {len(bundle.go.nodes)} nodes, {bundle.go.edge_index.shape[1]} edges; "
           f"co-expression: {bundle.coexpr.edge_index.shape[1]} edges ({time.perf_counter() - t:.1f} s)")
 
     run_dir = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
     t = _step(f"4/5 train ({cfg.scaling.num_workers} Ray workers, DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, "
               f"{cfg.train.epochs} epochs) -> {run_dir}")
-    summary = train_with_ray(cfg, store_path, run_dir)
+    run = gd.train(store, cfg, out=run_dir)
     import ray
 
     ray.shutdown()  # frees Ray's memory for the evaluation (and, with --verbose, flushes the workers' lines now,
     # not in the middle of the evaluation)
-    print(f"   {time.perf_counter() - t:.1f} s; MLflow run {summary.get('mlflow_run_id')}")
+    print(f"   {time.perf_counter() - t:.1f} s; MLflow run {run.mlflow_run_id}")
 
     t = _step("5/5 evaluate: the model beside the baselines, per test category")
     report = io.StringIO()  # evaluate's full account (every metric per category, GI, figures) goes to a file

@@ -3,7 +3,8 @@ the API and the typed library functions), and the package has no import cycles.
 
 Each test runs the command through `gears_dist.cli.main` and the call it stands for, and compares what they
 produce: AnnData content, store arrays, splits, graphs, predictions and metrics, not mocks. `demo` is the pipeline
-of these calls on the 'demo' screen (minutes) and has no call of its own; tests/test_demo_console.py runs it.
+of these API calls (gd.ingest, Store.split, Store.build_graphs, gd.train; gears_dist/demo.py) on the 'demo' screen
+(minutes) and has no call of its own; tests/test_demo_console.py runs it and loads its run with gd.load_run.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from gears_dist.config import deep_merge
@@ -73,6 +74,14 @@ def test_demo_prints_a_short_readable_account(tmp_path):
     kept = "".join(p.read_text(errors="replace") for p in ray_logs.rglob("*") if p.is_file() and p.stat().st_size)
     assert "Reporting training result" in kept and "TrainingReport" in kept
     assert "mse_de" in (run_dir / "evaluation" / "report.txt").read_text()
+
+    # the demo trains through the API: its run is a gd.Run, whose evaluation is the summary's
+    import gears_dist as gd
+
+    run = gd.load_run(run_dir)
+    assert run.mlflow_run_id and f"MLflow run {run.mlflow_run_id}" in text
+    table = run.evaluate(baselines=[]).set_index(["predictor", "category"])
+    assert table.loc[("gears", "all"), "mse"] == pytest.approx(run.summary["final"]["test_mse"], rel=1e-3)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_and_suggests_fp32(recwarn):
