@@ -65,16 +65,23 @@ def tiny_store(tmp_path_factory) -> pathlib.Path:
     return store
 
 
-def write_tiny_config(path: pathlib.Path, name: str) -> pathlib.Path:
-    """A training config small enough for a 2-core CI machine: one worker, one short epoch."""
+TINY_SPLIT = "simulation_seed1"  # the split tiny_store makes and write_tiny_config names
+
+
+def write_tiny_config(path: pathlib.Path, name: str, num_workers: int = 1,
+                      placement_strategy: str | None = None) -> pathlib.Path:
+    """A training config small enough for a 2-core CI machine: one worker (or `num_workers`, 1 CPU each,
+    placed by `placement_strategy`, e.g. STRICT_SPREAD: one per node), one short epoch."""
     cfg = {
         "name": name,
         "seed": 0,
-        "data": {"split": "simulation_seed1", "loader": {"batch_size": 16}},
+        "data": {"split": TINY_SPLIT, "loader": {"batch_size": 16}},
         "model": {"hidden_size": 8},
         "train": {"epochs": 1, "max_steps_per_epoch": 3},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "object_store_mb": 128},
+        "scaling": {"num_workers": num_workers, "cpus_per_worker": 1, "object_store_mb": 128},
     }
+    if placement_strategy is not None:
+        cfg["scaling"]["placement_strategy"] = placement_strategy
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

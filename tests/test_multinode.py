@@ -2,7 +2,7 @@
 with its own CPU and a resource naming it. Training runs one worker per node (placement STRICT_SPREAD) with
 graph-partitioned shards, on a store and run directory both nodes see; then the second node is lost mid-epoch
 (its raylet SIGKILLed), the run waits, a new second node joins, and the run finishes with the metrics of the
-uninterrupted run."""
+uninterrupted run, bit for bit."""
 
 from __future__ import annotations
 
@@ -187,8 +187,6 @@ def test_second_node_lost_mid_epoch_then_replaced_matches_the_uninterrupted_run(
     records = check_worker_records(out, tiny_train_store, 2)
     placed = {r["ray_node_id"] for r in records}
     assert len(placed) == 2 and replacement <= placed and len(replacement) == 1, (placed, replacement)
-    assert lost["final"].keys() == clean["final"].keys()
-    for k in clean["final"]:
-        assert lost["final"][k] == pytest.approx(clean["final"][k], rel=1e-4, abs=1e-6), k
-    for a, b in zip(clean["history"], lost["history"]):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4), (a, b)
+    # bit for bit: every epoch's loss and every final metric
+    assert [h["train_loss"] for h in lost["history"]] == [h["train_loss"] for h in clean["history"]]
+    assert lost["final"] == clean["final"]

@@ -189,7 +189,7 @@ def run_multisplit(store_path: str | os.PathLike, cfg, out: str | os.PathLike, *
 
     from gears_dist.data.splits import load_split
     from gears_dist.data.store import open_store
-    from gears_dist.distributed.launcher import ensure_ray
+    from gears_dist.distributed.launcher import ensure_ray, verbose
     from gears_dist.evaluate import baselines as B
     from gears_dist.evaluate.pipeline import evaluate_split
     from gears_dist.train.config import run_config_from_dict
@@ -225,7 +225,8 @@ def run_multisplit(store_path: str | os.PathLike, cfg, out: str | os.PathLike, *
                           "variants": ",".join(variants)})
         tracker.log_text(json.dumps({"config": base, "variants": variants}, indent=1, default=str), "multisplit.json")
 
-    ensure_ray(address, cfg)
+    # each run's own lines stay in Ray's logs (--verbose shows them); the terminal gets one line per finished run
+    ensure_ray(address, cfg, log_to_driver=verbose())
     parallel = max_parallel or max(1, int(ray.cluster_resources().get("CPU", 1)))
     task = ray.remote(num_cpus=1, max_calls=1)(_train_and_evaluate)
     jobs = [(name, seed) for seed in seeds for name in variants]
