@@ -16,6 +16,7 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 
 import gears_dist as gd
 from gears_dist.cli import main
@@ -374,6 +375,28 @@ def test_train_config_equals_resolve_config(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError) as exc:
         resolve_config("demo", {"model.hiden_size": 3})
     assert str(exc.value) in err
+
+
+def test_train_equals_gd_train(tiny_train_store, tmp_path, own_ray, capsys):
+    """`gears-dist train` (always under Ray) and `gd.train` (one worker: in this process, no Ray) are the same run,
+    bit for bit: the same per-epoch losses, final metrics and saved weights."""
+    import torch
+
+    import gears_dist as gd
+
+    cfg = {"name": "cli_api_train", "seed": 3, "train": {"epochs": 2, "log_every": 1000, "max_steps_per_epoch": 4},
+           "data": {"split": tiny_train_store["split"],
+                    "loader": {"batch_size": 32, "buffer_chunks": 4, "control_pool_cells": 256}},
+           "model": {"hidden_size": 8}, "tracking": {"enabled": False}, "scaling": {"num_workers": 1}}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tiny_train_store["path"]), "--config", str(path), "--out", str(tmp_path / "cli")]) == 0
+    run = gd.train(tiny_train_store["path"], str(path), out=tmp_path / "api")
+    cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert [h["train_loss"] for h in cli["history"]] == [h["train_loss"] for h in run.summary["history"]]
+    assert cli["final"] == run.summary["final"]
+    a, b = (torch.load(p / "model" / "model.pt", weights_only=True) for p in (tmp_path / "cli", tmp_path / "api"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_python_m_train_errors_exit_2(tiny_train_store, tmp_path, capsys):

@@ -122,7 +122,7 @@ class ScalingConfig:
 
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0             # CPUs Ray reserves for a worker; on CPU also its torch threads
     gpus_per_worker: float | None = None
     max_failures: int = 0
     num_checkpoints_to_keep: int = 2

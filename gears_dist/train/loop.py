@@ -203,6 +203,12 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
     from gears_dist.model.build import build_model
 
     device = _device(cfg)
+    if device.type == "cpu":
+        # A worker computes with the CPUs reserved for it, whether Ray runs it or not: torch otherwise sizes its
+        # thread pool when first imported (every core, or Ray's OMP_NUM_THREADS if Ray set it first), and the
+        # thread count changes reduction order, so the same command would not give the same numbers twice, nor
+        # the API's in-process run the CLI's.
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     if world_size > 1 and not cfg.model.sync_batchnorm:
         warnings.warn("model.sync_batchnorm is off with several workers: each worker's BatchNorm statistics then "
                       "come from its own shard (graph parts differ), and only rank 0's running statistics are "
