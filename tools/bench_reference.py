@@ -204,7 +204,8 @@ def _cfg(precision: str, steps: int, epochs: int):
     over = {"name": "bench-reference", "tracking": {"enabled": False},
             "train": {"epochs": epochs, "max_steps_per_epoch": steps, "log_every": 10**6},
             "deepspeed": {"precision": precision, "zero_stage": 0},
-            "scaling": {"num_workers": 1, "max_failures": 0}}
+            # every core, as the reference (torch's default); a worker uses scaling.cpus_per_worker threads
+            "scaling": {"num_workers": 1, "max_failures": 0, "cpus_per_worker": os.cpu_count() or 1}}
     return load_run_config(REPO / "configs" / "norman.yaml", deep_merge({}, over))
 
 

@@ -479,8 +479,9 @@ def run_ours_variant(store_path: str, variant: str, overrides: dict, threshold: 
     from gears_dist.train.config import load_run_config
     from gears_dist.train.loop import run_single
 
-    over = deep_merge({"name": f"ttq_{variant}", "data": {"split": SPLIT_KEY}, "train": {"epochs": epochs}},
-                      overrides)
+    # every core, as before workers took scaling.cpus_per_worker threads (the reference side uses torch's default)
+    over = deep_merge({"name": f"ttq_{variant}", "data": {"split": SPLIT_KEY}, "train": {"epochs": epochs},
+                       "scaling": {"cpus_per_worker": os.cpu_count() or 1}}, overrides)
     cfg = load_run_config(BASE_CONFIG, over)
     split = load_split(open_store(store_path), SPLIT_KEY)
     reporter = TimingReporter(run_dir, threshold, stop, list(split.test))

@@ -110,7 +110,9 @@ def main() -> None:
             "data": {"loader": {"batch_size": per_worker}},
             "model": {"hidden_size": args.hidden}, "deepspeed": {"zero_stage": args.zero},
             "sharding": {"mode": args.sharding}, "tracking": {"enabled": False},
-            "scaling": {"num_workers": args.workers, "max_failures": 0}}
+            # a worker uses cpus_per_worker torch threads: the machine's cores shared among the workers
+            "scaling": {"num_workers": args.workers, "max_failures": 0,
+                        "cpus_per_worker": max(1, (os.cpu_count() or 1) // args.workers)}}
     if args.precision:
         over["deepspeed"]["precision"] = args.precision
     if args.coexpr_max_cells:
