@@ -47,11 +47,12 @@ def du(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def generate(path: pathlib.Path, num_cells: int, num_genes: int, seed: int = 0) -> float:
-    """A Norman-like screen (236 perturbations, scattered cells, raw counts, CSR) via gears_dist.data.synthetic."""
+def generate(path: pathlib.Path, num_cells: int, num_genes: int | None, seed: int = 0, preset: str = "norman") -> float:
+    """A generated screen (default a Norman-like one: 236 perturbations; "genome": ~9,900 perturbations, 8,248
+    genes), scattered cells, raw counts, CSR, via gears_dist.data.synthetic."""
     from gears_dist.data import synthetic
 
-    spec = synthetic.preset("norman", num_cells=num_cells, num_genes=num_genes, seed=seed)
+    spec = synthetic.preset(preset, num_cells=num_cells, num_genes=num_genes, seed=seed)
     t0 = time.perf_counter()
     synthetic.write_h5ad(spec, path, style="gears", overwrite=True, num_workers=2)
     return time.perf_counter() - t0
@@ -160,18 +161,21 @@ def run_scale(args) -> list[dict]:
     rows = []
     for n in args.sizes:
         src, dest = work / f"screen-{n}.h5ad", work / f"screen-{n}.zarr"
-        gen_s = generate(src, n, args.num_genes)
+        gen_s = generate(src, n, args.num_genes, preset=args.preset)
         if args.x_format != "csr":
             convert(src, args.x_format)
         for budget in args.memory_budget_mb:
             res = run_child(src, dest, budget)
-            row = {"num_cells": n, "num_genes": args.num_genes, "x_format": args.x_format,
+            row = {"preset": args.preset, "num_cells": n, "num_genes": res["counts"]["num_genes"],
+                   "x_format": args.x_format,
                    "memory_budget_mb": budget, "generate_s": round(gen_s, 1), "ingest_s": round(res["seconds"], 1),
                    "cells_per_s": round(n / res["seconds"]), "peak_rss_MB": round(res["peak_rss_MB"]),
                    "user_s": round(res["user_s"], 1), "sys_s": round(res["sys_s"], 1),
                    "minor_faults": res["minor_faults"], "major_faults": res["major_faults"],
                    "source_MB": round(du(src) / 1e6, 1), "store_MB": round(du(dest) / 1e6, 1),
                    "store_vs_source": round(du(dest) / du(src), 3),
+                   # per-condition statistics (conditions x genes): what grows with perturbations, not cells
+                   "stats_MB": round(du(dest / "stats") / 1e6, 1),
                    "spill_MB": round(res["manifest_ingest"]["spill_bytes"] / 1e6, 1),
                    "num_conditions": res["counts"]["num_conditions"], "normalization": res["normalization"]}
             rows.append(row)
@@ -191,7 +195,8 @@ def main(argv=None) -> int:
     c.add_argument("--chunks", type=int, nargs="+", default=[64, 256, 1024])
     s = sub.add_parser("scale")
     s.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    s.add_argument("--num-genes", type=int, default=1000)
+    s.add_argument("--num-genes", type=int, default=1000, help="0: the preset's")
+    s.add_argument("--preset", default="norman", help="generator preset (norman: 236 perturbations; genome: ~9,900)")
     s.add_argument("--memory-budget-mb", type=int, nargs="+", default=[1024])
     s.add_argument("--x-format", choices=["csr", "csc", "dense"], default="csr",
                    help="storage of X in the source file (csc/dense: converted in memory, small sizes only)")
@@ -203,6 +208,8 @@ def main(argv=None) -> int:
     i.add_argument("dest")
     i.add_argument("budget_mb", type=int)
     args = p.parse_args(argv)
+    if getattr(args, "num_genes", None) == 0:
+        args.num_genes = None
     if args.what == "_ingest":
         child_ingest(args.src, args.dest, args.budget_mb)
         return 0
