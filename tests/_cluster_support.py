@@ -1,5 +1,5 @@
 """Shared pieces of the cluster end-to-end tests (ray job submit, SLURM): a tiny store made through the
-CLI, a tiny training config, free ports, and killing exactly the processes a test started."""
+CLI, a tiny training config and search, free ports, and killing exactly the processes a test started."""
 
 from __future__ import annotations
 
@@ -85,6 +85,20 @@ def write_tiny_config(path: pathlib.Path, name: str, num_workers: int = 1,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def tiny_search_config(name: str, experiment: str) -> dict:
+    """A Tune search small enough for CI: one random trial of one short epoch on the tiny store's split."""
+    return {
+        "name": name,
+        "base": {"name": "tiny", "seed": 3, "train": {"log_every": 1000, "max_steps_per_epoch": 6},
+                 "data": {"split": TINY_SPLIT,
+                          "loader": {"batch_size": 32, "buffer_chunks": 4, "control_pool_cells": 256}},
+                 "model": {"hidden_size": 8}, "tracking": {"experiment": experiment}},
+        "space": {"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+        "num_trials": 1, "max_concurrent": 1, "searcher": "random", "seed": 0,
+        "scheduler": {"kind": "fifo", "max_epochs": 1},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1}}
 
 
 def free_ports(n: int) -> list[int]:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from _cluster_support import tiny_search_config
 
 import gears_dist as gd
 from gears_dist.config import ConfigError
@@ -377,16 +378,7 @@ def test_store_build_graphs_equals_cli_graph(tiny_train_store, tmp_path, capsys)
 
 
 # -- gd.tune -----------------------------------------------------------------------------------------
-TINY_SEARCH = {
-    "name": "api_search",
-    "base": {"name": "tiny", "seed": 3, "train": {"log_every": 1000, "max_steps_per_epoch": 6},
-             "data": {"split": "simulation_seed1",
-                      "loader": {"batch_size": 32, "buffer_chunks": 4, "control_pool_cells": 256}},
-             "model": {"hidden_size": 8}, "tracking": {"experiment": "api_tune_test"}},
-    "space": {"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
-    "num_trials": 1, "max_concurrent": 1, "searcher": "random", "seed": 0,
-    "scheduler": {"kind": "fifo", "max_epochs": 1},
-    "resources": {"num_workers": 1, "cpus_per_worker": 1}}
+TINY_SEARCH = tiny_search_config("api_search", "api_tune_test")
 
 
 def test_tune_is_exported_and_the_package_still_imports():

@@ -17,6 +17,7 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from _cluster_support import tiny_search_config
 
 import gears_dist as gd
 from gears_dist.cli import main
@@ -409,16 +410,7 @@ def test_python_m_train_errors_exit_2(tiny_train_store, tmp_path, capsys):
 
 
 # -- tune -------------------------------------------------------------------------------------------
-TINY_SEARCH = {
-    "name": "cli_api_search",
-    "base": {"name": "tiny", "seed": 3, "train": {"log_every": 1000, "max_steps_per_epoch": 6},
-             "data": {"split": "simulation_seed1",
-                      "loader": {"batch_size": 32, "buffer_chunks": 4, "control_pool_cells": 256}},
-             "model": {"hidden_size": 8}, "tracking": {"experiment": "cli_api_tune"}},
-    "space": {"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
-    "num_trials": 1, "max_concurrent": 1, "searcher": "random", "seed": 0,
-    "scheduler": {"kind": "fifo", "max_epochs": 1},
-    "resources": {"num_workers": 1, "cpus_per_worker": 1}}
+TINY_SEARCH = tiny_search_config("cli_api_search", "cli_api_tune")
 
 
 @pytest.fixture()

@@ -19,9 +19,14 @@ import time
 import psutil
 import pytest
 import yaml
-
-from _cluster_support import (check_worker_records, cli_env, free_ports, processes_mentioning, stop_process_tree,
-                              tool)
+from _cluster_support import (
+    check_worker_records,
+    cli_env,
+    free_ports,
+    processes_mentioning,
+    stop_process_tree,
+    tool,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -144,24 +149,27 @@ def _finish(proc: subprocess.Popen, marker: str, timeout: float = 600) -> str:
     return out
 
 
-def test_one_worker_per_node_each_reading_its_own_shard(two_nodes, tiny_train_store, tmp_path_factory):
+@pytest.fixture(scope="module")
+def uninterrupted(two_nodes, tiny_train_store, tmp_path_factory) -> pathlib.Path:
+    """The two-node run without faults: its run directory."""
     root = tmp_path_factory.mktemp("two_nodes")
     out = root / "run"
     _finish(_train(two_nodes, tiny_train_store, _config(root / "run.yaml", "mn"), out), str(out))
-    records = check_worker_records(out, tiny_train_store, 2)
+    return out
+
+
+def test_one_worker_per_node_each_reading_its_own_shard(two_nodes, tiny_train_store, uninterrupted):
+    records = check_worker_records(uninterrupted, tiny_train_store, 2)
     nodes = {n["id"]: n["resources"] for n in two_nodes.nodes()}
     placed = [r["ray_node_id"] for r in records]
     assert len(set(placed)) == 2, f"both workers ran on node {placed[0]}"
     assert set(placed) == set(nodes), (placed, nodes)
     assert sorted(next(k for k in nodes[p] if k.startswith("gd_")) for p in placed) == ["gd_head", "gd_second"]
-    pytest.two_node_summary = json.loads((out / "summary.json").read_text())
 
 
 def test_second_node_lost_mid_epoch_then_replaced_matches_the_uninterrupted_run(two_nodes, tiny_train_store,
-                                                                                   tmp_path_factory):
-    clean = getattr(pytest, "two_node_summary", None)
-    if clean is None:
-        pytest.skip("needs the uninterrupted two-node run of the test before it")
+                                                                                   uninterrupted, tmp_path_factory):
+    clean = json.loads((uninterrupted / "summary.json").read_text())
     root = tmp_path_factory.mktemp("node_loss")
     out = root / "run"
     proc = _train(two_nodes, tiny_train_store, _config(root / "run.yaml", "mn"), out)

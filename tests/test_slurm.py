@@ -41,6 +41,16 @@ CONF2 = "/run/gears-dist-slurm2/slurm.conf"
 NODES2 = {"gdn1": "10.77.0.11", "gdn2": "10.77.0.12"}
 
 
+def _submit(tmp_path: pathlib.Path, env: dict, nodes: int, cpus: int) -> str:
+    """sbatch the project's script on `nodes` nodes (`cpus` per task), output in tmp_path; returns the job id."""
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--nodes={nodes}", f"--cpus-per-task={cpus}", "--time=00:20:00", "--no-requeue",
+         f"--output={tmp_path}/slurm-%j.out", f"--chdir={tmp_path}", "--export=ALL", str(SBATCH_SCRIPT)],
+        env=env, check=False, capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    return submit.stdout.strip().split(";")[0]
+
+
 def _slurm_is_up() -> bool:
     proc = subprocess.run(["bash", str(SETUP), "status"], check=False, capture_output=True, text=True, timeout=60)
     return "node: idle" in proc.stdout
@@ -118,12 +128,7 @@ def test_sbatch_script_trains_on_one_node(slurm, tmp_path, tmp_path_factory):
                   RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_OBJECT_STORE_MB="128",
                   GEARS_RAY_TMP=ray_tmp)
     env.pop("MLFLOW_TRACKING_URI", None)  # the script's default: SQLite in the run directory
-    submit = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", "--time=00:20:00", "--no-requeue",
-         f"--output={tmp_path}/slurm-%j.out", f"--chdir={tmp_path}", "--export=ALL", str(SBATCH_SCRIPT)],
-        env=env, check=False, capture_output=True, text=True, timeout=60)
-    assert submit.returncode == 0, submit.stderr
-    job_id = submit.stdout.strip().split(";")[0]
+    job_id = _submit(tmp_path, env, nodes=1, cpus=2)
     fields = _wait(job_id, timeout=600)
     log = (tmp_path / f"slurm-{job_id}.out").read_text(errors="replace")
     assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", (
@@ -166,12 +171,7 @@ def test_sbatch_script_trains_on_two_nodes_one_worker_each(slurm2, tmp_path, tmp
         env.pop(name, None)  # the script's defaults: the head's address found from SLURM, ports from the job id
     started = time.monotonic()
     try:
-        submit = subprocess.run(
-            ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--time=00:20:00", "--no-requeue",
-             f"--output={tmp_path}/slurm-%j.out", f"--chdir={tmp_path}", "--export=ALL", str(SBATCH_SCRIPT)],
-            env=env, check=False, capture_output=True, text=True, timeout=60)
-        assert submit.returncode == 0, submit.stderr
-        job_id = submit.stdout.strip().split(";")[0]
+        job_id = _submit(tmp_path, env, nodes=2, cpus=1)
         fields = _wait(job_id, timeout=900, env=env)
         print(f"two-node job {job_id}: {fields.get('JobState')} in {time.monotonic() - started:.0f} s "
               f"(RunTime {fields.get('RunTime')}, nodes {fields.get('NodeList')})")

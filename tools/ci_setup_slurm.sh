@@ -90,6 +90,30 @@ install_packages() {
   log "installed ${PACKAGES[*]} in $((SECONDS - started)) s"
 }
 
+# The slurm.conf settings both set-ups share (root daemons, munge, no cgroups, no accounting database);
+# $1: the job completion log's name under $LOGDIR.
+common_settings() {
+  cat <<EOF
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$LOGDIR/$1
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+# Keep finished jobs visible to scontrol for an hour (there is no accounting database for sacct).
+MinJobAge=3600
+EOF
+}
+
 write_config() {
   if [[ -e $CONF ]] && ! grep -qF "$MARKER" "$CONF"; then
     log "$CONF exists and was not written by this script: leaving this machine's SLURM alone"
@@ -107,23 +131,7 @@ write_config() {
 $MARKER
 ClusterName=gearsci
 SlurmctldHost=$node(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$LOGDIR/jobcomp.log
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-# Keep finished jobs visible to scontrol for an hour (there is no accounting database for sacct).
-MinJobAge=3600
+$(common_settings jobcomp.log)
 SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$LOGDIR/slurmctld.log
@@ -302,24 +310,9 @@ ClusterName=gearsci2
 SlurmctldHost=$(hostname -s)($NET2.1)
 SlurmctldPort=$CTLD_PORT2
 SlurmdPort=6818
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$LOGDIR/gears2-jobcomp.log
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+$(common_settings gears2-jobcomp.log)
 # Each node declares 1 CPU on a machine with more: the configuration counts, not the hardware.
 SlurmdParameters=config_overrides
-ReturnToService=2
-MinJobAge=3600
 SlurmctldPidFile=$STATE2/slurmctld.pid
 SlurmctldLogFile=$LOGDIR/gears2-slurmctld.log
 StateSaveLocation=$SPOOL2/ctld

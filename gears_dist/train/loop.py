@@ -249,9 +249,8 @@ def setup_worker(cfg: RunConfig, store_path: str | os.PathLike, rank: int, world
     go_nodes_used = go.num_nodes
     if cfg.sharding.mode == "graph" and cfg.sharding.halo and world_size > 1:
         # the nodes this worker's training cells and its share of validation conditions perturb
-        mine = np.isin(np.arange(len(names)), train_idx) & (part_of == rank)
         own_val = val_idx[rank::world_size]
-        wanted = np.concatenate([pert_index[mine].ravel(), pert_index[own_val].ravel()])
+        wanted = np.concatenate([pert_index[shard].ravel(), pert_index[own_val].ravel()])
         wanted = np.unique(wanted[wanted >= 0])
         go_nodes_used = int(model.restrict_go(torch.from_numpy(wanted)).numel())
 
@@ -617,9 +616,8 @@ def finish_run(w: Worker, best_state: dict | None, history: list, best: dict | N
         # sync_batchnorm each rank's BatchNorm statistics come from its own shard; a rank restarted from a
         # checkpoint holds rank 0's copy), and the final metrics must be those of the saved model, whether or
         # not the run was restarted.
-        box = [(best_state if best_state is not None else full_state_dict(w)) if w.rank == 0 else None]
-        if w.rank != 0 and best_state is None:
-            full_state_dict(w)  # ZeRO-3: the gather is collective
+        state = best_state if best_state is not None else full_state_dict(w)  # ZeRO-3: a collective gather
+        box = [state if w.rank == 0 else None]
         torch.distributed.broadcast_object_list(box, src=0)
         best_state = box[0]
     if best_state is not None:
@@ -644,8 +642,6 @@ def finish_run(w: Worker, best_state: dict | None, history: list, best: dict | N
                                     files=[run_dir / "summary.json"], figures=figures,
                                     description=describe_run(to_dict(w.cfg), result=summary, **_run_facts(w)))
         print(format_summary(summary), flush=True)
-    elif best_state is None:
-        full_state_dict(w)  # ZeRO-3: the gather is collective
     return summary
 
 
