@@ -47,14 +47,15 @@ def du(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def generate(path: pathlib.Path, num_cells: int, num_genes: int | None, seed: int = 0, preset: str = "norman") -> float:
+def generate(path: pathlib.Path, num_cells: int, num_genes: int | None, seed: int = 0, preset: str = "norman",
+             compression: str | None = None) -> float:
     """A generated screen (default a Norman-like one: 236 perturbations; "genome": ~9,900 perturbations, 8,248
     genes), scattered cells, raw counts, CSR, via gears_dist.data.synthetic."""
     from gears_dist.data import synthetic
 
     spec = synthetic.preset(preset, num_cells=num_cells, num_genes=num_genes, seed=seed)
     t0 = time.perf_counter()
-    synthetic.write_h5ad(spec, path, style="gears", overwrite=True, num_workers=2)
+    synthetic.write_h5ad(spec, path, style="gears", overwrite=True, num_workers=2, compression=compression)
     return time.perf_counter() - t0
 
 
@@ -161,13 +162,13 @@ def run_scale(args) -> list[dict]:
     rows = []
     for n in args.sizes:
         src, dest = work / f"screen-{n}.h5ad", work / f"screen-{n}.zarr"
-        gen_s = generate(src, n, args.num_genes, preset=args.preset)
+        gen_s = generate(src, n, args.num_genes, preset=args.preset, compression=args.compression)
         if args.x_format != "csr":
             convert(src, args.x_format)
         for budget in args.memory_budget_mb:
             res = run_child(src, dest, budget)
             row = {"preset": args.preset, "num_cells": n, "num_genes": res["counts"]["num_genes"],
-                   "x_format": args.x_format,
+                   "x_format": args.x_format, "source_compression": args.compression,
                    "memory_budget_mb": budget, "generate_s": round(gen_s, 1), "ingest_s": round(res["seconds"], 1),
                    "cells_per_s": round(n / res["seconds"]), "peak_rss_MB": round(res["peak_rss_MB"]),
                    "user_s": round(res["user_s"], 1), "sys_s": round(res["sys_s"], 1),
@@ -177,6 +178,7 @@ def run_scale(args) -> list[dict]:
                    # per-condition statistics (conditions x genes): what grows with perturbations, not cells
                    "stats_MB": round(du(dest / "stats") / 1e6, 1),
                    "spill_MB": round(res["manifest_ingest"]["spill_bytes"] / 1e6, 1),
+                   "spill_uncompressed_MB": round(res["manifest_ingest"].get("spill_uncompressed_bytes", 0) / 1e6, 1),
                    "num_conditions": res["counts"]["num_conditions"], "normalization": res["normalization"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -200,6 +202,8 @@ def main(argv=None) -> int:
     s.add_argument("--memory-budget-mb", type=int, nargs="+", default=[1024])
     s.add_argument("--x-format", choices=["csr", "csc", "dense"], default="csr",
                    help="storage of X in the source file (csc/dense: converted in memory, small sizes only)")
+    s.add_argument("--compression", choices=["gzip", "lzf"], default=None,
+                   help="HDF5 filter of the source's X arrays (with byte shuffle), as many published h5ad files")
     for q in (c, s):
         q.add_argument("--workdir", default=None)
         q.add_argument("--out", default=None, help="also write the rows as JSON here")

@@ -726,7 +726,7 @@ def ingest(input_path, store_path, *, condition_key=None, control_values=None, s
         num_genes = len(keep)
         chunk = chunk_cells or default_chunk_cells(num_genes)
         # a bucket holds its dense block and its spill records (8 bytes per non-zero, 16 for CSC's
-        # (row, gene, value) triples): each <= budget/8
+        # (row, gene, value) triples, once decompressed; the compressed file is read beside them): each <= budget/8
         spill_row_bytes = (16 if src.x_format == "csc" else 8) * avg_nnz * num_genes / src.num_genes + 64
         bucket_rows = max(chunk, int(budget // 8 // max(4 * num_genes, spill_row_bytes)) // chunk * chunk)
         if _max_block_rows:
@@ -740,7 +740,7 @@ def ingest(input_path, store_path, *, condition_key=None, control_values=None, s
             writer = _Writer(root, conds, num_genes)
             if scan.identity:
                 _route_rows(src, obs, conds, norm, keep, writer, None, rows_per_block, bounds)
-                spill_bytes = 0
+                spill_bytes = spill_raw_bytes = 0
             else:
                 remove_stale_temp_dirs(store_path, "spill")  # left by ingests killed outright
                 spill_dir = owned_temp_dir(store_path, "spill", create=False)
@@ -750,7 +750,7 @@ def ingest(input_path, store_path, *, condition_key=None, control_values=None, s
                         _route_csc(src, obs, conds, norm, keep, spill, scan, max_nnz, rows_per_block)
                     else:
                         _route_rows(src, obs, conds, norm, keep, writer, spill, rows_per_block, bounds)
-                    spill_bytes = spill.bytes_written
+                    spill_bytes, spill_raw_bytes = spill.bytes_written, spill.raw_bytes
                     _write_buckets(spill, writer, num_genes)
                     spill.cleanup()
                 finally:
@@ -784,6 +784,7 @@ def ingest(input_path, store_path, *, condition_key=None, control_values=None, s
                 "perturbed_genes_without_go": no_go,
                 "x": x_manifest(root),
                 "ingest": {"seconds": round(seconds, 3), "spill_bytes": int(spill_bytes),
+                           "spill_uncompressed_bytes": int(spill_raw_bytes),
                            "source_in_destination_order": bool(scan.identity)},
             })
     return open_store(store_path)
