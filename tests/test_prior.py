@@ -27,11 +27,14 @@ def _graph() -> GeneGraph:
     return GeneGraph(NODES, np.array([src, dst]), np.array(weight, np.float32))
 
 
-def _fit(single_genes=("N0", "N1", "N2", "N4", "N5"), seed=0, **kw):
+def _fit(single_genes=("N0", "N1", "N2", "N4", "N5"), seed=0, additive_doubles=False, **kw):
     rng = np.random.default_rng(seed)
     deltas = rng.normal(size=(len(single_genes), NUM_GENES))
     doubles = [("N0", "N1"), ("N2", "N4")]
     double_deltas = rng.normal(size=(2, NUM_GENES))
+    if additive_doubles:  # nothing can beat the additive model inside sets of trained genes
+        row = {g: d for g, d in zip(single_genes, deltas)}
+        double_deltas = np.stack([row[a] + row[b] for a, b in doubles])
     mean = np.concatenate([deltas, double_deltas]).mean(0)
     fit = fit_go_prior(_graph(), list(single_genes), deltas, mean, doubles, double_deltas, **kw)
     fit.inputs = (doubles, double_deltas)
@@ -53,7 +56,8 @@ def _go_estimate(fit, node: int, exclude: str | None, singles: dict, mean: np.nd
 
 @pytest.mark.parametrize("k,tau", [(2, 0.0), (3, 0.3), (5, np.inf)])
 def test_prior_on_sets_of_one_two_and_three_genes(k, tau):
-    fit, singles, m = _fit(k=k, tau=tau)
+    fit, singles, m = _fit(k=k, tau=tau, additive_doubles=True)
+    assert fit.combo_source == "none"
     dev = {n: singles[n] - m if n in singles else _go_estimate(fit, i, None, singles, m) for i, n in enumerate(NODES)}
     sets = [[], [0], [3], [0, 1], [0, 3], [3, 6], [0, 1, 2], [3, 6, 7], [0, 3, 6]]
     got = fit.predict_delta(sets)
@@ -92,9 +96,9 @@ def test_cross_fitted_prior_never_uses_a_training_conditions_own_data():
 
 
 def test_hyperparameters_are_fitted_leave_one_out_and_low_rank_is_close():
-    fit, singles, m = _fit()
+    fit, singles, m = _fit(additive_doubles=True)
     assert fit.k in (5, 10, 20) and np.isfinite(fit.loo_mse) and 0.0 <= fit.beta_unseen <= 1.0
-    low = _fit(max_exact_mb=0.0, rank=2)[0]
+    low = _fit(max_exact_mb=0.0, rank=2, additive_doubles=True)[0]
     assert low.basis is not None and low.rows.shape == (5, 2)
     exact = fit.predict_delta([[0], [3, 6]])
     approx = low.predict_delta([[0], [3, 6]])
@@ -168,11 +172,11 @@ def test_estimated_flags_follow_what_the_prior_knows():
 
 
 def test_low_rank_factorization_recovers_a_low_rank_matrix():
-    from gears_dist.model.prior import _low_rank
+    from gears_dist.model.linear import low_rank
 
     rng = np.random.default_rng(3)
     a = rng.normal(size=(60, 3)) @ rng.normal(size=(3, 40))
-    rows, basis = _low_rank(a, 3, rng)
+    rows, basis = low_rank(a, 3, rng)
     assert rows.shape == (60, 3) and basis.shape == (3, 40)
     np.testing.assert_allclose(rows @ basis, a, atol=1e-8)
 
@@ -203,13 +207,20 @@ def test_gene_seen_only_in_combinations_gets_the_additive_remainder_and_no_leak(
     singles = {n: rng.normal(size=NUM_GENES) for n in ("N0", "N1", "N2", "N4", "N5")}
     doubles = [("N0", "N3"), ("N3", "N6")]
     double_deltas = rng.normal(size=(2, NUM_GENES))
+    double_deltas[0] = singles["N0"] + 0.5 * double_deltas[0]  # N0 acts in its pair much as alone
     m = np.concatenate([np.stack(list(singles.values())), double_deltas]).mean(0)
     fit = fit_go_prior(_graph(), list(singles), np.stack(list(singles.values())), m, doubles, double_deltas,
                        k=3, tau=0.1)
     assert fit.derived.tolist() == [n in ("N3", "N6") for n in NODES]
     est = {n: m + _go_estimate(fit, NODES.index(n), None, singles, m) for n in ("N3", "N6")}
-    # N3: the mean of what each of its doubles leaves after its partner (observed single, else GO estimate).
-    want_n3 = ((double_deltas[0] - singles["N0"]) + (double_deltas[1] - est["N6"])) / 2
+    # N3: the mean of what each of its doubles leaves after its partner: after an observed single as is; after a
+    # GO-estimated partner (N6) blended with N3's own GO estimate by lambda, fitted where the answer is known:
+    # N0's remainder in N0+N3 after N3's GO estimate, against N0's observed single (least squares, in [0, 1]).
+    r = double_deltas[0] - est["N3"]
+    e = m + _go_estimate(fit, 0, "N0", singles, m)
+    lam = float(np.clip((r - e) @ (singles["N0"] - e) / ((r - e) @ (r - e)), 0, 1))
+    assert 0 < lam < 1
+    want_n3 = ((double_deltas[0] - singles["N0"]) + lam * (double_deltas[1] - est["N6"]) + (1 - lam) * est["N3"]) / 2
     got = fit.predict_delta([[3], [0, 3], [3, 7]])
     np.testing.assert_allclose(got[0], want_n3, atol=1e-5)
     np.testing.assert_allclose(got[1], singles["N0"] + want_n3, atol=1e-5)   # a seen pair: additive
@@ -252,16 +263,16 @@ def test_combination_deltas_are_fitted_leave_one_out_and_used_only_for_seen_sets
     shift = rng.normal(size=NUM_GENES)  # N0 acts the same way differently in every pair: learnable
     combos = [("N0", "N1"), ("N0", "N2"), ("N0", "N4")]
     deltas = np.stack([d[a] + d[b] + shift for a, b in combos])
-    rows, w = _combination_deltas(combos, deltas, d, set(d), rng)
-    assert np.isfinite(w) and set(rows) == {"N0", "N1", "N2", "N4"}
+    rows, w, source = _combination_deltas(combos, deltas, d, set(d), rng)
+    assert source == "combination" and np.isfinite(w) and set(rows) == {"N0", "N1", "N2", "N4"}
     # N0's combination delta: (w d + sum of what each pair leaves after its partner) / (w + 3)
     np.testing.assert_allclose(rows["N0"], (w * d["N0"] + 3 * (d["N0"] + shift)) / (w + 3))
     # Exactly additive pairs: the evidence cannot help, so the additive model (w = inf) stays.
-    assert _combination_deltas(combos, deltas - shift, d, set(d), rng) == ({}, np.inf)
+    assert _combination_deltas(combos, deltas - shift, d, set(d), rng) == ({}, np.inf, "none")
 
     fit = fit_go_prior(_graph(), list(d), np.stack(list(d.values())), np.zeros(NUM_GENES), combos, deltas,
                        k=3, tau=0.1)
-    assert fit.combo_weight == w and (fit.combo_index >= 0).sum() == 4
+    assert fit.combo_source == "combination" and fit.combo_weight == w and (fit.combo_index >= 0).sum() == 4
     prior = SetPrior(fit)
     pair = torch.tensor([[1, 2]])  # N1+N2, not a training pair: each gene's combination delta
     np.testing.assert_allclose(prior(pair)[0].numpy(), rows["N1"] + rows["N2"], atol=1e-5)
@@ -311,3 +322,37 @@ def test_gains_leave_the_targets_own_expression_alone():
     scale = torch.where(observed.unsqueeze(1) & ~own, 1.5, 1.0)
     torch.testing.assert_close(model.predict_delta(perts), scale * base)
     assert observed[1] and not own[1, 0]  # a set that is scaled, outside its target's column
+
+
+def test_linear_responses_win_where_singles_are_noisy_views_of_a_low_rank_world():
+    """Doubles additive in a rank-2 truth, every profile observed with noise: the linear model's responses
+    (denoised in its principal directions, fitted to every training condition) predict held-out doubles
+    better than the noisy sums, so the prior uses them inside sets of trained genes, and there it equals the
+    `linear` baseline fitted on the same training conditions."""
+    from gears_dist.evaluate.baselines import LinearPCA, TrainingProfiles
+    from gears_dist.model.prior import _combination_deltas
+
+    rng = np.random.default_rng(11)
+    num_genes = 80
+    truth = {g: rng.normal(size=2) @ rng.normal(size=(2, num_genes)) for g in NODES[:6]}
+    noisy = {g: t + 0.6 * rng.normal(size=num_genes) for g, t in truth.items()}
+    combos = [("N0", "N1"), ("N0", "N2"), ("N1", "N3"), ("N2", "N4"), ("N3", "N5"), ("N4", "N5"), ("N1", "N4")]
+    deltas = np.stack([truth[a] + truth[b] + 0.6 * rng.normal(size=num_genes) for a, b in combos])
+    singles = list(noisy)
+    rows, w, source = _combination_deltas(combos, deltas, noisy, set(noisy), rng,
+                                          linear_data=(singles, np.stack(list(noisy.values())), []))
+    assert source == "linear" and not np.isfinite(w) and set(rows) == set(noisy)
+
+    fit = fit_go_prior(_graph(), singles, np.stack(list(noisy.values())), np.zeros(num_genes), combos, deltas,
+                       k=3, tau=0.1)
+    assert fit.combo_source == "linear" and (fit.combo_index >= 0).sum() == 6
+    train = TrainingProfiles(perts=[(g,) for g in singles] + combos,
+                             means=np.concatenate([np.stack(list(noisy.values())), deltas]),
+                             control_mean=np.zeros(num_genes), gene_symbols=[f"x{j}" for j in range(num_genes)])
+    baseline = LinearPCA(train, embedding="training")
+    prior = SetPrior(fit)
+    pair = torch.tensor([[0, 3]])  # N0+N3: both trained, not a training pair
+    np.testing.assert_allclose(prior(pair)[0].numpy(), baseline([("N0", "N3")])[0], atol=1e-4)
+    # a single keeps its observed delta, and training (cross-fitted) pairs their observed singles
+    np.testing.assert_allclose(prior(torch.tensor([[0, -1]]))[0].numpy(), noisy["N0"], atol=1e-5)
+    np.testing.assert_allclose(prior(pair, cross_fit=True)[0].numpy(), noisy["N0"] + noisy["N3"], atol=1e-5)

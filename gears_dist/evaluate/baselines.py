@@ -154,60 +154,26 @@ class Additive(Baseline):
 
 
 class LinearPCA(Baseline):
+    """The linear model of Ahlmann-Eltze et al. 2025 (gears_dist/model/linear.py), fitted on the training split."""
+
     name = "linear"
 
     def __init__(self, train: TrainingProfiles, num_components: int = 10, ridge: float = 0.1,
                  embedding: str = "both", center: str = "control"):
-        if center not in ("control", "mean"):
-            raise ValueError(f"linear baseline center {center!r}: expected 'control' or 'mean'")
-        if embedding not in ("both", "training", "expression"):
-            raise ValueError(f"linear baseline embedding {embedding!r}: expected 'both', 'training' or 'expression'")
-        if num_components < 1:
-            raise ValueError(f"linear baseline num_components: expected >= 1, received {num_components}")
-        if ridge < 0:
-            raise ValueError(f"linear baseline ridge: expected >= 0, received {ridge}")
-        y = train.means.T  # G x T
-        self.b = train.control_mean.copy() if center == "control" else y.mean(axis=1)
-        yc = y - self.b[:, None]
-        # Centred on their mean, T training profiles span at most T-1 directions.
-        k = max(1, min(num_components, yc.shape[1] - (center == "mean"), yc.shape[0]))
-        u, _, _ = np.linalg.svd(yc, full_matrices=False)
-        self.G = u[:, :k]  # gene embedding, orthonormal columns
-        self.num_components = k
-        self.embedding = embedding
-        # Per-gene perturbation embeddings, from the two documented sources.
-        genes = sorted({g for p in train.perts for g in p} | set(train.gene_symbols))
-        self.vocab = {g: i for i, g in enumerate(genes)}
-        emb = []
-        if embedding in ("both", "training"):
-            e = np.zeros((len(genes), k))
-            for g, d in train.singles.items():
-                e[self.vocab[g]] = self.G.T @ (d + train.control_mean - self.b)
-            emb.append(self._unit_mean_norm(e))
-        if embedding in ("both", "expression"):
-            e = np.zeros((len(genes), k))
-            rows = {g: i for i, g in enumerate(train.gene_symbols)}
-            for g, j in rows.items():
-                e[self.vocab[g]] = self.G[j]
-            emb.append(self._unit_mean_norm(e))
-        self.gene_emb = np.concatenate(emb, axis=1) if emb else np.zeros((len(genes), 0))
-        P = np.asarray(_set_matrix(train.perts, self.vocab) @ self.gene_emb)  # T x E
-        lhs = np.linalg.solve(self.G.T @ self.G + ridge * np.eye(k), self.G.T @ yc)  # k x T
-        rhs = np.linalg.inv(P.T @ P + ridge * np.eye(P.shape[1]))  # E x E
-        self.W = lhs @ P @ rhs  # k x E
+        from gears_dist.model.linear import fit_linear
 
-    @staticmethod
-    def _unit_mean_norm(e: np.ndarray) -> np.ndarray:
-        norms = np.linalg.norm(e, axis=1)
-        nz = norms > 0
-        return e / norms[nz].mean() if nz.any() else e
+        self.fit = fit_linear(train.perts, train.means, train.control_mean, train.gene_symbols,
+                              num_components=num_components, ridge=ridge, embedding=embedding, center=center)
+        self.num_components = self.fit.num_components
+        self.vocab = self.fit.vocab
+        # the paper's notation: Y ~ G W P^T + b
+        self.b, self.G, self.W, self.gene_emb = self.fit.center, self.fit.directions, self.fit.w, self.fit.gene_emb
 
     def __call__(self, perts):
-        P = np.asarray(_set_matrix(perts, self.vocab) @ self.gene_emb)  # U x E
-        return (self.G @ self.W @ P.T).T + self.b[None, :]
+        return self.fit.predict(_set_matrix(perts, self.vocab))
 
     def covers(self, perts):
-        has = np.linalg.norm(self.gene_emb, axis=1) > 0
+        has = self.fit.has
         return np.array([len(p) > 0 and all(g in self.vocab and has[self.vocab[g]] for g in p) for p in perts],
                         dtype=bool)
 

@@ -8,13 +8,19 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
 
 - p's single is in training: dev(p) = d_p - m, its observed delta;
 - p's single is not, but p is in training sets of two or more genes ("derived"): d_p is the mean over those
-  sets S of d_S - sum over S's other genes h of their delta (observed single, else GO estimate), i.e. what
-  the additive model says p contributed; many screens perturb genes only in combinations;
-- p's single is in training and p is also in training combinations whose other genes are seen (single or
-  derived): inside a set of two or more seen genes, p gets its "combination delta" (w d_p + sum_S r_pS) / (w + n_p),
-  r_pS = d_S - the other genes' deltas, over the n_p such combinations S: how p acts in combinations (real screens
-  have genes that dominate or saturate in pairs). w is fitted leave-one-out over the training combinations of
-  trained singles (w = inf, the additive model, when the evidence does not help);
+  sets S of d_S - sum over S's other genes h of their delta, i.e. what the additive model says p contributed;
+  many screens perturb genes only in combinations. Where a partner h is itself only GO-estimated, the
+  remainder carries that estimate's error, so it enters as lambda r + (1 - lambda) e_p (e_p: p's GO estimate);
+  lambda is fitted on the training pairs of a trained single, where the answer (its observed delta) is known;
+- inside a set of two or more seen genes, a trained gene p may use another row than d_p, whichever predicts
+  the training combinations of trained singles best, each held out of its own prediction (the additive model
+  stays unless one beats it by more than one standard error):
+  - its "combination delta" (w d_p + sum_S r_pS) / (w + n_p), r_pS = d_S - the other genes' deltas, over the
+    n_p training combinations S of p with seen genes: how p acts in combinations (real screens have genes that
+    dominate or saturate in pairs); w on a grid;
+  - its response in the linear model of Ahlmann-Eltze et al. (model/linear.py), fitted to every training
+    condition: singles denoised in a few principal directions, and the sub- or super-additivity that the
+    training combinations show as a whole;
 - otherwise: dev(p) = lambda_p (a_p - m), a_p the GO-similarity-weighted mean of the observed deltas of p's
   top-k GO neighbours among the training singles, shrunk by lambda_p = W_p / (W_p + tau) (W_p: their total
   Jaccard weight; no neighbour: dev 0). k and tau are fitted by leave-one-out over the training singles.
@@ -45,6 +51,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from gears_dist.model.linear import fit_linear, low_rank
 
 K_GRID = (5, 10, 20)
 TAU_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, np.inf)
@@ -78,13 +86,21 @@ class PriorFit:
     # [P] expression column of each node's own gene (-1: not measured). A perturbation sets its target's own
     # expression directly (CRISPRa up, CRISPRi down), whatever its partners do: gains on the prior leave it alone.
     node_column: np.ndarray | None = None
+    # what the combination rows are: "combination" deltas (weight w), "linear" responses, or "none"
+    combo_source: str = "combination"
 
     def summary(self) -> str:
         lowrank = "exact" if self.basis is None else f"rank {self.basis.shape[0]}"
         return (f"GO prior: {len(self.single_genes)} training singles, {int(self.derived.sum())} genes derived from "
-                f"training combinations, {int((self.combo_index >= 0).sum())} combination deltas (w {self.combo_weight:g}) "
+                f"training combinations, {self._combo_text()} "
                 f"({lowrank}), k {self.k}, tau {self.tau:g}, "
                 f"beta for unseen sets {self.beta_unseen:.3f}, leave-one-out mse {self.loo_mse:.4g}")
+
+    def _combo_text(self) -> str:
+        num = int((self.combo_index >= 0).sum())
+        if self.combo_source == "linear":
+            return f"{num} genes use linear-model responses in sets of trained genes"
+        return f"{num} combination deltas (w {self.combo_weight:g})"
 
     def residual_rows(self) -> np.ndarray:
         return self.rows if self.basis is None else self.rows @ self.basis
@@ -232,6 +248,8 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                                                     eval_weight[p][eval_index[p] >= 0]), residuals)
             return est_cache[p]
 
+        derive_weight = _fit_derive_weight(doubles, double_deltas, single_index, node_index, single_deltas[keep],
+                                           mean_delta, loo_index, loo_weight, residuals, delta_of)
         sums: dict[str, list] = {}
         for i, genes_i in enumerate(doubles):
             if len(genes_i) < 2:
@@ -240,8 +258,12 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                 if g in single_index or g not in node_index:
                     continue
                 rest = sum(delta_of(h) for h in genes_i if h != g)
+                evidence = double_deltas[i] - rest
+                if any(h not in single_index for h in genes_i if h != g):
+                    # the partner's part is itself a GO estimate: trust the remainder as far as training says
+                    evidence = derive_weight * evidence + (1.0 - derive_weight) * delta_of(g)
                 acc = sums.setdefault(g, [np.zeros(num_genes), 0])
-                acc[0] += double_deltas[i] - rest
+                acc[0] += evidence
                 acc[1] += 1
         for g in sorted(sums):
             p = node_index[g]
@@ -255,11 +277,13 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
         if derived_rows:
             residuals = np.concatenate([residuals, np.stack(derived_rows)], axis=0)
 
-    combo_index, combo_weight = np.full(num_nodes, -1, dtype=np.int64), np.inf
+    combo_index, combo_weight, combo_source = np.full(num_nodes, -1, dtype=np.int64), np.inf, "none"
     if len(doubles) and double_deltas is not None:
         seen_delta = {g: single_deltas[keep[i]] for g, i in single_index.items()}
         seen_delta.update({g: mean_delta + derived_rows[j] for j, g in enumerate(sorted(sums))})
-        combo_rows, combo_weight = _combination_deltas(doubles, double_deltas, seen_delta, set(single_index), rng)
+        combo_rows, combo_weight, combo_source = _combination_deltas(
+            doubles, double_deltas, seen_delta, set(single_index), rng,
+            linear_data=(genes, single_deltas[keep], list(gene_symbols or ())))
         for j, (g, row) in enumerate(combo_rows.items()):
             combo_index[node_index[g]] = residuals.shape[0] + j
         if combo_rows:
@@ -267,12 +291,43 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
 
     rows, basis = residuals, None
     if residuals.size * 4 > max_exact_mb * 2**20 and min(residuals.shape) > rank:
-        rows, basis = _low_rank(residuals, rank, rng)
+        rows, basis = low_rank(residuals, rank, rng)
     return PriorFit(nodes=list(go.nodes), single_genes=genes, mean_delta=mean_delta, rows=rows, basis=basis,
                     eval_index=eval_index, eval_weight=eval_weight, loo_index=loo_index, loo_weight=loo_weight,
                     seen=seen, derived=derived, combo_index=combo_index, combo_weight=float(combo_weight),
+                    combo_source=combo_source,
                     beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse),
                     node_column=node_columns(go.nodes, gene_symbols))
+
+
+def _fit_derive_weight(doubles, double_deltas, single_index, node_index, single_deltas, mean_delta, loo_index,
+                       loo_weight, residuals, delta_of) -> float:
+    """lambda in [0, 1]: how far a gene's remainder in a pair whose partner is only GO-estimated is trusted over
+    the gene's own GO estimate (lambda r + (1 - lambda) e).
+
+    Fitted where the answer is known: in training pairs with a trained single a, a's remainder after its
+    partner b's GO estimate (b's leave-one-out estimate where b is trained too), blended with a's own
+    leave-one-out GO estimate, against a's observed delta; least squares over the genes and the pairs.
+    1 (the remainder as is) without such pairs."""
+    def loo_estimate(name: str) -> np.ndarray:
+        p = node_index[name]
+        ok = loo_index[p] >= 0
+        return mean_delta + _apply((loo_index[p][ok], loo_weight[p][ok]), residuals)
+
+    num = den = 0.0
+    for i, genes_i in enumerate(doubles):
+        if len(genes_i) != 2 or not all(g in node_index for g in genes_i):
+            continue
+        for a, b in (genes_i, genes_i[::-1]):
+            if a not in single_index:
+                continue
+            partner = loo_estimate(b) if b in single_index else delta_of(b)
+            r = double_deltas[i] - partner
+            e = loo_estimate(a)
+            target = single_deltas[single_index[a]]
+            num += float((r - e) @ (target - e))
+            den += float((r - e) @ (r - e))
+    return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 1.0
 
 
 def node_columns(nodes: Sequence[str], gene_symbols: Sequence[str] | None) -> np.ndarray:
@@ -282,11 +337,20 @@ def node_columns(nodes: Sequence[str], gene_symbols: Sequence[str] | None) -> np
 
 
 def _combination_deltas(combos: Sequence[tuple[str, ...]], combo_deltas: np.ndarray, seen_delta: dict[str, np.ndarray],
-                        trained: set[str], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], float]:
-    """Per trained gene in training combinations of seen genes: its combination delta (module doc), and w.
+                        trained: set[str], rng: np.random.Generator,
+                        linear_data: tuple[list[str], np.ndarray, list[str]] | None = None
+                        ) -> tuple[dict[str, np.ndarray], float, str]:
+    """Rows that trained genes use inside sets of two or more seen genes, and what they are.
 
-    w is chosen on the grid by leave-one-out over the training combinations of trained singles (the seen2 case):
-    each is predicted from the other combinations' evidence only. Returns ({} , inf) when w = inf wins."""
+    Candidates, scored on the training combinations of trained singles (the seen2 case), each predicted
+    without its own evidence:
+    - the additive model (w = inf): no rows;
+    - combination deltas (module doc) for each w of the grid, leave-one-out;
+    - the linear model's responses (model/linear.py) refitted without the held-out combinations
+      (`linear_data`: the training singles' genes and deltas, and the expression columns' genes);
+      leave-one-out up to LINEAR_FOLDS combinations, else that many folds.
+    Returns (rows, w, source): rows per trained gene (deltas), w (inf unless combination deltas won), and
+    "combination", "linear" or "none"."""
     remainders: dict[str, list[tuple[int, np.ndarray]]] = {}
     for i, genes_i in enumerate(combos):
         if len(genes_i) < 2 or not all(g in seen_delta for g in genes_i):
@@ -298,10 +362,10 @@ def _combination_deltas(combos: Sequence[tuple[str, ...]], combo_deltas: np.ndar
     tests = [i for i, genes_i in enumerate(combos) if len(genes_i) >= 2 and all(g in trained for g in genes_i)]
     if len(tests) > MAX_FIT_CONDITIONS:
         tests = [tests[j] for j in np.sort(rng.choice(len(tests), MAX_FIT_CONDITIONS, replace=False))]
-    if not tests or not remainders:
-        return {}, np.inf
-    errors = {}
-    for w in COMBO_GRID:
+    if not tests:
+        return {}, np.inf, "none"
+    errors: dict[object, np.ndarray] = {}
+    for w in COMBO_GRID if remainders else (np.inf,):
         err = np.zeros(len(tests))
         for t, i in enumerate(tests):
             pred = np.zeros_like(combo_deltas[i])
@@ -311,26 +375,51 @@ def _combination_deltas(combos: Sequence[tuple[str, ...]], combo_deltas: np.ndar
                     else seen_delta[g]
             err[t] = np.mean((pred - combo_deltas[i]) ** 2)
         errors[w] = err
-    w = min(COMBO_GRID, key=lambda v: (errors[v].mean(), not np.isfinite(v)))
-    # One-standard-error rule: the evidence must beat the additive model by more than the noise of its own
-    # leave-one-out estimate (paired over the held-out combinations), or the additive model stays.
-    gain = errors[np.inf] - errors[w]
-    if not np.isfinite(w) or len(tests) < 2 or gain.mean() <= gain.std(ddof=1) / np.sqrt(len(tests)):
-        return {}, np.inf
-    return {g: (w * seen_delta[g] + sum(r for _, r in rs)) / (w + len(rs)) for g, rs in sorted(remainders.items())}, w
+    if linear_data is not None:
+        errors["linear"] = _linear_cv_errors(combos, combo_deltas, tests, *linear_data)
+    best = min(errors, key=lambda v: (errors[v].mean(), v != "linear" and not np.isfinite(v)))
+    # One-standard-error rule: the candidate must beat the additive model by more than the noise of its own
+    # held-out estimate (paired over the held-out combinations), or the additive model stays.
+    gain = errors[np.inf] - errors[best]
+    if (best != "linear" and not np.isfinite(best)) or len(tests) < 2 \
+            or gain.mean() <= gain.std(ddof=1) / np.sqrt(len(tests)):
+        return {}, np.inf, "none"
+    if best == "linear":
+        single_genes, single_deltas, symbols = linear_data
+        fit = _fit_linear_deltas(single_genes, single_deltas, combos, combo_deltas, range(len(combos)), symbols)
+        return {g: fit.responses[fit.vocab[g]] for g in sorted(trained)}, np.inf, "linear"
+    w = float(best)
+    return ({g: (w * seen_delta[g] + sum(r for _, r in rs)) / (w + len(rs)) for g, rs in sorted(remainders.items())},
+            w, "combination")
 
 
-def _low_rank(a: np.ndarray, rank: int, rng: np.random.Generator, power_iterations: int = 2
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """a ~ rows [m, rank] @ basis [rank, n] by a randomized range finder (Halko et al. 2011) with power
-    iterations: a few passes over a, where a full SVD of 10k x 8k takes minutes."""
-    sketch = a @ rng.standard_normal((a.shape[1], rank + 10))
-    q, _ = np.linalg.qr(sketch)
-    for _ in range(power_iterations):
-        q, _ = np.linalg.qr(a.T @ q)
-        q, _ = np.linalg.qr(a @ q)
-    u_small, sing, vt = np.linalg.svd(q.T @ a, full_matrices=False)
-    return (q @ u_small[:, :rank]) * sing[:rank], vt[:rank]
+# Held-out combinations for the linear candidate: leave-one-out up to this many, else this many folds.
+LINEAR_FOLDS = 20
+
+
+def _fit_linear_deltas(single_genes, single_deltas, combos, combo_deltas, use, symbols):
+    """The linear model on the training singles and the combinations `use`, in deltas (centre: no change)."""
+    use = list(use)
+    perts = [(g,) for g in single_genes] + [tuple(combos[i]) for i in use]
+    deltas = np.concatenate([np.asarray(single_deltas, np.float64).reshape(len(single_genes), -1),
+                             np.asarray(combo_deltas, np.float64)[use].reshape(len(use), -1)])
+    return fit_linear(perts, deltas, np.zeros(deltas.shape[1]), symbols,
+                      embedding="both" if symbols else "training")
+
+
+def _linear_cv_errors(combos, combo_deltas, tests, single_genes, single_deltas, symbols) -> np.ndarray:
+    """Per test combination: the squared error of the linear model fitted without it (and its fold)."""
+    folds = np.array_split(np.asarray(tests), min(len(tests), LINEAR_FOLDS))
+    err = np.zeros(len(tests))
+    position = {i: t for t, i in enumerate(tests)}
+    for fold in folds:
+        held = set(fold.tolist())
+        fit = _fit_linear_deltas(single_genes, single_deltas, combos, combo_deltas,
+                                 [i for i in range(len(combos)) if len(combos[i]) >= 2 and i not in held], symbols)
+        for i in fold:
+            pred = sum(fit.responses[fit.vocab[g]] for g in combos[i])
+            err[position[int(i)]] = np.mean((pred - combo_deltas[i]) ** 2)
+    return err
 
 
 def fit_from_store(store, train_conditions: Sequence[str], go, max_exact_mb: float = 64.0, rank: int = 256
