@@ -10,6 +10,7 @@ directory's logs. `--verbose` (or GEARS_DIST_VERBOSE=1) shows both as Ray and Py
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -71,8 +72,6 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    import logging
-
     from gears_dist.graphs.build import build_graphs
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -348,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("GEARS_DIST_VERBOSE", "") in ("", "0"):
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!gears_dist\.)")  # libraries'
                 warnings.showwarning = one_line
+                # MLflow's own INFO lines (e.g. its SQLite schema set-up when the driver opens a run) are not ours
+                for name in ("mlflow", "alembic"):
+                    logging.getLogger(name).setLevel(logging.WARNING)
             return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         close_all()  # a bar of the pass that raised
@@ -364,8 +366,6 @@ def train_single_main(argv: list[str] | None = None) -> int:
 
     Used by tests and by the single-GPU benchmark; ``gears-dist train`` (Ray) is the user-facing command.
     """
-    import logging
-
     p = argparse.ArgumentParser(prog="python -m gears_dist.train", description=train_single_main.__doc__.splitlines()[0])
     p.add_argument("store", help="gears_dist store (gears-dist ingest)")
     p.add_argument("--config", required=True, help="run preset (configs/*.yaml)")

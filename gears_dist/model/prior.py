@@ -394,7 +394,7 @@ def _combination_deltas(combos: Sequence[tuple[str, ...]], combo_deltas: np.ndar
 
 
 # Held-out combinations for the linear candidate: leave-one-out up to this many, else this many folds.
-LINEAR_FOLDS = 20
+LINEAR_FOLDS = 10
 
 
 def _fit_linear_deltas(single_genes, single_deltas, combos, combo_deltas, use, symbols):
