@@ -54,7 +54,7 @@ def build(scale: str, prior: str, batch: int, steps: int, dtype: str):
         fit = fit_go_prior(GeneGraph(nodes, go_i.numpy(), go_w.numpy()), singles, deltas, everything.mean(0),
                            doubles, double_deltas)
         info["fit_s"] = time.perf_counter() - t
-        info["combo_source"] = fit.combo_source
+        info["combo_source"] = getattr(fit, "combo_source", "-")  # "-": a prior from before the candidates
         info["fit_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         p = SetPrior(fit)
         info["prior_mb"] = sum(b.numel() * b.element_size() for b in p.buffers()) / 2**20

@@ -281,9 +281,13 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
     if len(doubles) and double_deltas is not None:
         seen_delta = {g: single_deltas[keep[i]] for g, i in single_index.items()}
         seen_delta.update({g: mean_delta + derived_rows[j] for j, g in enumerate(sorted(sums))})
+        # The linear candidate gives every trained gene a row and refits on all training conditions per fold:
+        # only while the prior is kept exactly (a combinatorial screen's ~100 genes, not a genome screen's 10k
+        # singles, whose rows would double the residual matrix the low-rank form exists to avoid)
+        exact = (len(genes) + len(doubles)) * num_genes * 4 <= max_exact_mb * 2**20
         combo_rows, combo_weight, combo_source = _combination_deltas(
             doubles, double_deltas, seen_delta, set(single_index), rng,
-            linear_data=(genes, single_deltas[keep], list(gene_symbols or ())))
+            linear_data=(genes, single_deltas[keep], list(gene_symbols or ())) if exact else None)
         for j, (g, row) in enumerate(combo_rows.items()):
             combo_index[node_index[g]] = residuals.shape[0] + j
         if combo_rows:
