@@ -347,9 +347,11 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("GEARS_DIST_VERBOSE", "") in ("", "0"):
                 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!gears_dist\.)")  # libraries'
                 warnings.showwarning = one_line
-                # MLflow's own INFO lines (e.g. its SQLite schema set-up when the driver opens a run) are not ours
-                for name in ("mlflow", "alembic"):
-                    logging.getLogger(name).setLevel(logging.WARNING)
+                # MLflow's own INFO lines (its SQLite schema set-up when the driver opens a run) are not ours; MLflow
+                # sets its loggers' level from this variable when it is imported
+                os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+                # Ray's notice, on every local start with RAY_AUTH_MODE unset, that it enabled token auth
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         close_all()  # a bar of the pass that raised

@@ -356,3 +356,18 @@ def test_linear_responses_win_where_singles_are_noisy_views_of_a_low_rank_world(
     # a single keeps its observed delta, and training (cross-fitted) pairs their observed singles
     np.testing.assert_allclose(prior(torch.tensor([[0, -1]]))[0].numpy(), noisy["N0"], atol=1e-5)
     np.testing.assert_allclose(prior(pair, cross_fit=True)[0].numpy(), noisy["N0"] + noisy["N3"], atol=1e-5)
+
+
+@pytest.mark.parametrize("num_pairs", [1, 2])
+def test_prior_fits_with_as_few_as_one_training_pair(num_pairs):
+    """Held out, a screen's only training pair leaves the linear model no combination to fit: it must still fit
+    (on the singles) and the prior must still come out, with the additive model kept for lack of evidence."""
+    rng = np.random.default_rng(2)
+    singles = {n: rng.normal(size=NUM_GENES) for n in ("N0", "N1", "N2", "N4")}
+    doubles = [("N0", "N1"), ("N2", "N4")][:num_pairs]
+    double_deltas = rng.normal(size=(num_pairs, NUM_GENES))
+    fit = fit_go_prior(_graph(), list(singles), np.stack(list(singles.values())), np.zeros(NUM_GENES), doubles,
+                       double_deltas, k=3, tau=0.1, gene_symbols=[f"x{j}" for j in range(NUM_GENES)])
+    if num_pairs == 1:
+        assert fit.combo_source == "none"  # one held-out pair cannot pass the one-standard-error rule
+    np.testing.assert_allclose(fit.predict_delta([[0, 2]])[0].shape, (NUM_GENES,))

@@ -129,9 +129,6 @@ def ensure_ray(address: str | None, cfg: RunConfig, *, log_to_driver: bool = Tru
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        # Ray 2.60 enables token auth for a local cluster by default and warns about it on every start when the
-        # mode is unset: say so explicitly (the same mode), so the console stays quiet
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # address="local": a new local instance, never a cluster some other process started on this machine
         with _ray_on_loopback():
             info = ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1),

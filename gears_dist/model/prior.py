@@ -403,10 +403,11 @@ LINEAR_FOLDS = 10
 
 def _fit_linear_deltas(single_genes, single_deltas, combos, combo_deltas, use, symbols):
     """The linear model on the training singles and the combinations `use`, in deltas (centre: no change)."""
-    use = list(use)
+    use = np.asarray(list(use), dtype=np.int64)
     perts = [(g,) for g in single_genes] + [tuple(combos[i]) for i in use]
-    deltas = np.concatenate([np.asarray(single_deltas, np.float64).reshape(len(single_genes), -1),
-                             np.asarray(combo_deltas, np.float64)[use].reshape(len(use), -1)])
+    combo_deltas = np.asarray(combo_deltas, np.float64)
+    deltas = np.concatenate([np.asarray(single_deltas, np.float64).reshape(len(single_genes), combo_deltas.shape[1]),
+                             combo_deltas[use]])
     return fit_linear(perts, deltas, np.zeros(deltas.shape[1]), symbols,
                       embedding="both" if symbols else "training")
 
