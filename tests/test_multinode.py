@@ -33,8 +33,9 @@ pytestmark = pytest.mark.slow
 _NODES = """
 import json, sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
-print(json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]]))
+print("NODES " + json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]]))
 """
+# Ray may print its own lines on stdout (under load: "raylet has lagging heartbeats ..."): take ours by the prefix
 
 
 class TwoNodes:
@@ -75,7 +76,8 @@ class TwoNodes:
     def nodes(self) -> list[dict]:
         out = subprocess.run([sys.executable, "-c", _NODES, self.address], env=self.env, capture_output=True,
                              text=True, timeout=120, check=False)
-        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
+        ours = [line[len("NODES "):] for line in out.stdout.splitlines() if line.startswith("NODES ")]
+        return json.loads(ours[-1]) if out.returncode == 0 and ours else []
 
     def wait_for(self, count: int, timeout: float = 180) -> list[dict]:
         deadline = time.monotonic() + timeout
