@@ -371,3 +371,20 @@ def test_prior_fits_with_as_few_as_one_training_pair(num_pairs):
     if num_pairs == 1:
         assert fit.combo_source == "none"  # one held-out pair cannot pass the one-standard-error rule
     np.testing.assert_allclose(fit.predict_delta([[0, 2]])[0].shape, (NUM_GENES,))
+
+
+def test_beta_for_unseen_sets_needs_held_out_evidence():
+    """beta (the weight of GO deviations for sets with no trained gene) is the least-squares fit only when it
+    predicts held-out pairs better than the train mean by more than one standard error."""
+    from gears_dist.model.prior import _fit_beta
+
+    rng = np.random.default_rng(4)
+    xs = rng.normal(size=(12, 40))
+    ys = 0.6 * xs + 0.2 * rng.normal(size=(12, 40))  # the GO deviations do predict these pairs
+    stats = [np.einsum("ij,ij->i", a, b) for a, b in ((xs, ys), (xs, xs), (ys, ys))]
+    want = float(np.clip(stats[0].sum() / stats[1].sum(), 0, 1))
+    assert 0.5 < _fit_beta(*stats) == pytest.approx(want)
+    assert _fit_beta(*(s[:1] for s in stats)) == 0.0  # one pair: no held-out evidence at all
+    noise = rng.normal(size=(12, 40))  # deviations unrelated to the pairs: the train mean stays
+    stats = [np.einsum("ij,ij->i", a, b) for a, b in ((xs, noise), (xs, xs), (noise, noise))]
+    assert _fit_beta(*stats) == 0.0

@@ -28,8 +28,9 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
 For a set S: prior(S) = |S| m + sum_p dev(p) when S has a gene whose single was trained, or one gene: that is
 the additive baseline when every single was trained, and the shrunk GO estimate for an unseen single. A set
 of two or more genes none of which was trained gets m + beta sum_p dev(p): summing per-gene estimates that
-are each already pulled toward m would count m |S| times. beta in [0, 1] is fitted on the training doubles,
-cross-fitted (each double's two singles held out of its own GO estimates); 0 without such doubles.
+are each already pulled toward m would count m |S| times. beta in [0, 1] is fitted on the training doubles
+of trained singles, cross-fitted (each double's two singles held out of its own GO estimates), and kept only
+where it predicts held-out doubles better than beta = 0 by more than one standard error; else 0.
 
 Cross-fitting during training (``SetPrior(..., cross_fit=True)``): a training single's prior is its own
 leave-one-out GO estimate, which is what an unseen gene gets at test time, so the residual learns to correct
@@ -220,14 +221,13 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
         if len(pairs) > MAX_FIT_CONDITIONS:
             pairs = [pairs[i] for i in np.sort(rng.choice(len(pairs), MAX_FIT_CONDITIONS, replace=False))]
         double_deltas = np.asarray(double_deltas, dtype=np.float64)
-        xy = xx = 0.0
-        for i, (a, b) in pairs:
+        xy, xx, yy = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))
+        for t, (i, (a, b)) in enumerate(pairs):
             held = [single_index[a], single_index[b]]
             x = sum(_apply(_estimate_coefficients(*neighbours[node_index[g]], held, k, tau), residuals) for g in (a, b))
             y = double_deltas[i] - mean_delta
-            xy += float(x @ y)
-            xx += float(x @ x)
-        beta = float(np.clip(xy / xx, 0.0, 1.0)) if xx > 0 else 0.0
+            xy[t], xx[t], yy[t] = x @ y, x @ x, y @ y
+        beta = _fit_beta(xy, xx, yy)
 
     # Derived genes: GO nodes without a training single that are in training sets of >= 2 genes.
     derived = np.zeros(num_nodes, dtype=bool)
@@ -302,6 +302,22 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                     combo_source=combo_source,
                     beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse),
                     node_column=node_columns(go.nodes, gene_symbols))
+
+
+def _fit_beta(xy: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> float:
+    """beta in [0, 1] from per-pair x.y, x.x and y.y (x: the pair's summed GO deviations, y: its deviation from m).
+
+    Least squares over the pairs, kept only where it predicts held-out pairs better than beta = 0 (the train
+    mean) by more than one standard error of that gain (leave-one-out, paired); with the one or two pairs a
+    small screen has, a clipped least-squares beta is as often 0 as 1."""
+    n = len(xy)
+    if n < 2 or xx.sum() <= 0:
+        return 0.0
+    loo = np.clip(np.divide(xy.sum() - xy, xx.sum() - xx, out=np.zeros(n), where=(xx.sum() - xx) > 0), 0.0, 1.0)
+    gain = yy - (yy - 2 * loo * xy + loo ** 2 * xx)  # squared error of the mean minus that of the held-out beta
+    if gain.mean() <= gain.std(ddof=1) / np.sqrt(n):
+        return 0.0
+    return float(np.clip(xy.sum() / xx.sum(), 0.0, 1.0))
 
 
 def _fit_derive_weight(doubles, double_deltas, single_index, node_index, single_deltas, mean_delta, loo_index,
