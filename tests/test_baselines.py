@@ -50,13 +50,13 @@ def test_linear_matches_independent_least_squares():
     train, *_ = _toy(num_genes=15, rank=2, noise=0.1)  # noise: full-rank, well-posed at ridge 0
     lin = B.LinearPCA(train, num_components=3, ridge=0.0, embedding="training")
     y = train.means.T
-    b = lin.b
+    b = lin.fit.center
     np.testing.assert_array_equal(b, train.control_mean)  # default centring on the control
-    P = np.asarray(B._set_matrix(train.perts, lin.vocab) @ lin.gene_emb)
-    design = np.kron(P, lin.G)  # vec(G W P^T) = (P kron G) vec(W), column-major vec
+    P = np.asarray(B._set_matrix(train.perts, lin.fit.vocab) @ lin.fit.gene_emb)
+    design = np.kron(P, lin.fit.directions)  # vec(G W P^T) = (P kron G) vec(W), column-major vec
     w_vec, *_ = np.linalg.lstsq(design, (y - b[:, None]).reshape(-1, order="F"), rcond=None)
-    W = w_vec.reshape(lin.W.shape, order="F")
-    fitted_ref = lin.G @ W @ P.T + b[:, None]
+    W = w_vec.reshape(lin.fit.w.shape, order="F")
+    fitted_ref = lin.fit.directions @ W @ P.T + b[:, None]
     fitted_ours = lin(train.perts).T
     np.testing.assert_allclose(fitted_ours, fitted_ref, atol=1e-8)
 

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gears_dist.data.splits import make_split
     from gears_dist.data.store import open_store
+    from gears_dist.evaluate.multisplit import summarize_splits
     from gears_dist.evaluate.pipeline import evaluate_split, store_go_graph
 
     warnings.filterwarnings("ignore")
@@ -45,23 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     for seed in _seeds(args.seeds):
         split = make_split(store.condition_names, args.split_kind, seed=seed)
         table = evaluate_split(store, split, baselines=PREDICTORS, go=go).table
-        rows.append(table.assign(seed=seed))
-    df = pd.concat(rows)
-    df = df[df.num_conditions > 0]
+        rows.append(table.assign(split_seed=seed))
+    per_split = pd.concat(rows)
+    per_split = per_split[per_split.num_conditions > 0]
     if args.out:
-        df.to_csv(args.out, index=False)
+        per_split.to_csv(args.out, index=False)
+    summary = summarize_splits(per_split).set_index(["category", "predictor"])
     print(f"{args.store}: {args.split_kind} splits {args.seeds}; pearson_delta / mse_de, mean ± sd over the splits "
           f"that have the category (their number in brackets)\n")
     print("| category | " + " | ".join(PREDICTORS) + " |")
     print("|---|" + "---|" * len(PREDICTORS))
     for cat in CATEGORIES:
-        cells = []
-        for name in PREDICTORS:
-            d = df[(df.category == cat) & (df.predictor == name)]
-            cells.append(f"{d.pearson_delta.mean():.3f} ± {d.pearson_delta.std():.3f} / "
-                         f"{d.mse_de.mean():.4f} ± {d.mse_de.std():.4f}")
-        n = int(df[(df.category == cat) & (df.predictor == PREDICTORS[0])].shape[0])
-        print(f"| {cat} ({n}) | " + " | ".join(cells) + " |")
+        cells = [f"{r.pearson_delta_mean:.3f} ± {r.pearson_delta_sd:.3f} / {r.mse_de_mean:.4f} ± {r.mse_de_sd:.4f}"
+                 for r in (summary.loc[(cat, name)] for name in PREDICTORS)]
+        print(f"| {cat} ({int(summary.loc[(cat, PREDICTORS[0]), 'num_splits'])}) | " + " | ".join(cells) + " |")
     return 0
 
 

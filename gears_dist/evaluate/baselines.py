@@ -164,18 +164,13 @@ class LinearPCA(Baseline):
 
         self.fit = fit_linear(train.perts, train.means, train.control_mean, train.gene_symbols,
                               num_components=num_components, ridge=ridge, embedding=embedding, center=center)
-        self.num_components = self.fit.num_components
-        self.vocab = self.fit.vocab
-        # the paper's notation: Y ~ G W P^T + b
-        self.b, self.G, self.W, self.gene_emb = self.fit.center, self.fit.directions, self.fit.w, self.fit.gene_emb
 
     def __call__(self, perts):
-        return self.fit.predict(_set_matrix(perts, self.vocab))
+        return self.fit.predict(_set_matrix(perts, self.fit.vocab))
 
     def covers(self, perts):
-        has = self.fit.has
-        return np.array([len(p) > 0 and all(g in self.vocab and has[self.vocab[g]] for g in p) for p in perts],
-                        dtype=bool)
+        vocab, has = self.fit.vocab, self.fit.has
+        return np.array([len(p) > 0 and all(g in vocab and has[vocab[g]] for g in p) for p in perts], dtype=bool)
 
 
 class GOPrior(Baseline):

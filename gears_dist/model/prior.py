@@ -149,6 +149,12 @@ def _apply(coef: tuple[np.ndarray, np.ndarray], residuals: np.ndarray) -> np.nda
     return w @ residuals[rows] if rows.size else np.zeros(residuals.shape[1])
 
 
+def _table_estimate(index: np.ndarray, weight: np.ndarray, p: int, residuals: np.ndarray) -> np.ndarray:
+    """Node p's deviation from a padded coefficient table (eval_* or loo_*; -1 entries are padding)."""
+    ok = index[p] >= 0
+    return _apply((index[p][ok], weight[p][ok]), residuals)
+
+
 def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mean_delta: np.ndarray,
                  doubles: Sequence[tuple[str, ...]] = (), double_deltas: np.ndarray | None = None,
                  max_exact_mb: float = 64.0, rank: int = 256, seed: int = 0, k: int | None = None,
@@ -244,8 +250,7 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
             if p is None:
                 return mean_delta
             if p not in est_cache:
-                est_cache[p] = mean_delta + _apply((eval_index[p][eval_index[p] >= 0],
-                                                    eval_weight[p][eval_index[p] >= 0]), residuals)
+                est_cache[p] = mean_delta + _table_estimate(eval_index, eval_weight, p, residuals)
             return est_cache[p]
 
         derive_weight = _fit_derive_weight(doubles, double_deltas, single_index, node_index, single_deltas[keep],
@@ -330,9 +335,7 @@ def _fit_derive_weight(doubles, double_deltas, single_index, node_index, single_
     leave-one-out GO estimate, against a's observed delta; least squares over the genes and the pairs.
     1 (the remainder as is) without such pairs."""
     def loo_estimate(name: str) -> np.ndarray:
-        p = node_index[name]
-        ok = loo_index[p] >= 0
-        return mean_delta + _apply((loo_index[p][ok], loo_weight[p][ok]), residuals)
+        return mean_delta + _table_estimate(loo_index, loo_weight, node_index[name], residuals)
 
     num = den = 0.0
     for i, genes_i in enumerate(doubles):
@@ -436,7 +439,7 @@ def _linear_cv_errors(combos, combo_deltas, tests, single_genes, single_deltas, 
     for fold in folds:
         held = set(fold.tolist())
         fit = _fit_linear_deltas(single_genes, single_deltas, combos, combo_deltas,
-                                 [i for i in range(len(combos)) if len(combos[i]) >= 2 and i not in held], symbols)
+                                 [i for i in range(len(combos)) if i not in held], symbols)
         for i in fold:
             pred = sum(fit.responses[fit.vocab[g]] for g in combos[i])
             err[position[int(i)]] = np.mean((pred - combo_deltas[i]) ** 2)
