@@ -221,9 +221,16 @@ def test_gene_seen_only_in_combinations_gets_the_additive_remainder_and_no_leak(
     lam = float(np.clip((r - e) @ (singles["N0"] - e) / ((r - e) @ (r - e)), 0, 1))
     assert 0 < lam < 1
     want_n3 = ((double_deltas[0] - singles["N0"]) + lam * (double_deltas[1] - est["N6"]) + (1 - lam) * est["N3"]) / 2
-    got = fit.predict_delta([[3], [0, 3], [3, 7]])
+    got = fit.predict_delta([[3], [0, 3], [3, 7], [3, 6]])
     np.testing.assert_allclose(got[0], want_n3, atol=1e-5)
     np.testing.assert_allclose(got[1], singles["N0"] + want_n3, atol=1e-5)   # a seen pair: additive
+    # N3 (derived) beside N7 (GO-estimated only): no trained single anchors the pair, so it is an unseen set,
+    # m + beta (dev N3 + dev N7); both genes derived (N3 + N6): a seen pair, additive over the derived deltas.
+    dev7 = _go_estimate(fit, 7, None, singles, m)
+    np.testing.assert_allclose(got[2], m + fit.beta_unseen * (want_n3 - m + dev7), atol=1e-5)
+    assert not np.allclose(got[2], want_n3 + m + dev7, atol=1e-3)
+    want_n6 = fit.predict_delta([[6]])[0]
+    np.testing.assert_allclose(got[3], want_n3 + want_n6, atol=1e-5)
     # Training (cross-fitted): a derived gene takes its GO estimate, so N0+N3's prior ignores its own cells.
     prior = SetPrior(fit)
     train_pair = torch.tensor([[0, 3]])
