@@ -480,27 +480,3 @@ def test_tune_result_reads_a_search_directory(tmp_path):
         gd.TuneResult(tmp_path)
 
 
-def test_tune_runs_a_real_search(tiny_train_store, tmp_path):
-    """One trial, one epoch of a few steps, on a copy of the tiny store: the search `gears-dist tune` runs
-    (about 65 s on 2 shared cores, most of it starting Ray and the trial's Ray Train worker)."""
-    import json
-    import warnings
-
-    store = shutil.copytree(tiny_train_store["path"], tmp_path / "store.zarr")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = gd.tune(store, TINY_SEARCH, out=tmp_path / "search", seed=1)
-    assert isinstance(result, gd.TuneResult) and result.path == tmp_path / "search"
-    assert result.summary == json.loads((tmp_path / "search" / "summary.json").read_text())
-    df = result.trials
-    assert len(df) == 1 and df["status"].iloc[0] == "completed" and np.isfinite(df["best"].iloc[0])
-    assert 1e-3 <= df["optim.lr"].iloc[0] <= 1e-2
-    assert result.best["value"] == pytest.approx(df["best"].iloc[0])
-    cfg = result.best_config
-    assert cfg.model.hidden_size == 8 and cfg.optim.lr == pytest.approx(df["optim.lr"].iloc[0])
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=result.mlflow_tracking_uri)
-    assert client.get_run(result.mlflow_parent_run_id).info.status == "FINISHED"
-    with pytest.raises(ValueError, match="already holds search"):
-        gd.tune(store, TINY_SEARCH, out=tmp_path / "search")

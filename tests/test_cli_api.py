@@ -457,6 +457,18 @@ def test_tune_equals_gd_tune(tiny_train_store, tmp_path, own_ray, capsys):
     # two searches, two MLflow parent runs (each search directory has its own tracking store)
     assert cli.mlflow_parent_run_id != api.mlflow_parent_run_id
     assert cli.mlflow_tracking_uri != api.mlflow_tracking_uri
+    # what gd.tune returns (this is the package's one real API search: one Ray Tune trial costs ~1 min of CI)
+    import mlflow
+
+    assert isinstance(api, gd.TuneResult) and api.path == tmp_path / "api"
+    assert api.summary == json.loads((tmp_path / "api" / "summary.json").read_text())
+    assert np.isfinite(api.trials["best"].iloc[0]) and 1e-3 <= api.trials["optim.lr"].iloc[0] <= 1e-2
+    assert api.best["value"] == pytest.approx(api.trials["best"].iloc[0])
+    assert api.best_config.optim.lr == pytest.approx(api.trials["optim.lr"].iloc[0])
+    client = mlflow.MlflowClient(tracking_uri=api.mlflow_tracking_uri)
+    assert client.get_run(api.mlflow_parent_run_id).info.status == "FINISHED"
+    with pytest.raises(ValueError, match="already holds search"):
+        gd.tune(store, TINY_SEARCH, out=tmp_path / "api")
 
 
 # -- multisplit -------------------------------------------------------------------------------------
