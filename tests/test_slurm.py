@@ -1,8 +1,9 @@
-"""SLURM end to end: a real single-node SLURM (Debian's slurmctld, slurmd, munge, set up by
-tools/ci_setup_slurm.sh), the project's sbatch script submitted with `sbatch` for a tiny training run,
-COMPLETED with exit code 0, and the run's outputs on disk. Then (slow) a real two-node SLURM
-(`tools/ci_setup_slurm.sh up2`: two slurmd, each in its own network namespace with its own address and host
-name): `sbatch --nodes=2` of the same script, a Ray node on each SLURM node, one training worker on each.
+"""SLURM end to end (slow): a real two-node SLURM (Debian's slurmctld, slurmd and munge, set up by
+`tools/ci_setup_slurm.sh up2`: two slurmd, each in its own network namespace with its own address and host
+name); the project's sbatch script submitted with `sbatch --nodes=2` for a tiny training run, a Ray node on each
+SLURM node, one training worker on each; COMPLETED with exit code 0, and the run's outputs on disk (checkpoints,
+model, the MLflow run). A single-node run of the same script was a test of its own until it was folded in here
+to save CI ~2 minutes: every step it checked is checked on two nodes.
 
 Runs wherever the set-up script can install and start SLURM (root with apt-get, as in CI; the two-node
 set-up also needs network namespaces, veth and a bridge); elsewhere it skips and says why. A machine's own
@@ -28,7 +29,6 @@ from _cluster_support import (
     TINY_SPLIT,
     check_worker_records,
     cli_env,
-    free_ports,
     processes_mentioning,
     tiny_store,
     write_tiny_config,
@@ -54,25 +54,6 @@ def _submit(tmp_path: pathlib.Path, env: dict, nodes: int, cpus: int) -> str:
 def _slurm_is_up() -> bool:
     proc = subprocess.run(["bash", str(SETUP), "status"], check=False, capture_output=True, text=True, timeout=60)
     return "node: idle" in proc.stdout
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    if os.geteuid() != 0 and shutil.which("sbatch") is None:
-        pytest.skip("SLURM is not installed and installing it needs root (tools/ci_setup_slurm.sh)")
-    was_up = shutil.which("sbatch") is not None and _slurm_is_up()
-    started = time.monotonic()
-    proc = subprocess.run(["bash", str(SETUP), "up"], check=False, capture_output=True, text=True, timeout=900)
-    if proc.returncode == 10:
-        pytest.skip(f"SLURM cannot be installed here: {proc.stderr.strip().splitlines()[-1:]}")
-    if proc.returncode == 3:
-        pytest.skip("this machine has its own SLURM configuration; the test only uses the CI set-up "
-                    "(tools/ci_setup_slurm.sh)")
-    assert proc.returncode == 0, f"tools/ci_setup_slurm.sh up failed:\n{proc.stdout}\n{proc.stderr}"
-    print(f"SLURM set-up took {time.monotonic() - started:.1f} s: {proc.stderr.strip()}")
-    yield
-    if not was_up:
-        subprocess.run(["bash", str(SETUP), "stop1"], check=False, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -116,40 +97,6 @@ def _wait(job_id: str, timeout: float, env: dict[str, str] | None = None) -> dic
     raise AssertionError(f"job {job_id} still {fields.get('JobState')} after {timeout:.0f} s (cancelled)")
 
 
-def test_sbatch_script_trains_on_one_node(slurm, tmp_path, tmp_path_factory):
-    import mlflow
-
-    store = tiny_store(tmp_path_factory)
-    config = write_tiny_config(tmp_path / "tiny.yaml", name="slurm")
-    run_dir = tmp_path / "run"
-    ray_tmp = tempfile.mkdtemp(prefix="gdsl", dir="/tmp")  # short: Ray's socket paths live under it
-    port, dash = free_ports(2)
-    env = cli_env(GEARS_STORE=str(store), GEARS_CONFIG=str(config), GEARS_RUN_DIR=str(run_dir),
-                  RAY_PORT=str(port), RAY_DASHBOARD_PORT=str(dash), RAY_OBJECT_STORE_MB="128",
-                  GEARS_RAY_TMP=ray_tmp)
-    env.pop("MLFLOW_TRACKING_URI", None)  # the script's default: SQLite in the run directory
-    job_id = _submit(tmp_path, env, nodes=1, cpus=2)
-    fields = _wait(job_id, timeout=600)
-    log = (tmp_path / f"slurm-{job_id}.out").read_text(errors="replace")
-    assert fields.get("JobState") == "COMPLETED" and fields.get("ExitCode") == "0:0", (
-        f"job {job_id}: {fields.get('JobState')} exit {fields.get('ExitCode')}\n{log[-6000:]}")
-    assert "Ray head up" in log and "gears-dist train finished" in log, log[-3000:]
-
-    # Outputs: checkpoint, model, MLflow run (default SQLite in the run dir), and the job's token removed.
-    assert sorted((run_dir / "ray" / "slurm").glob("epoch_*")), log[-3000:]
-    assert (run_dir / "model" / "model.pt").stat().st_size > 0
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    runs = [r for exp in client.search_experiments() for r in client.search_runs([exp.experiment_id])]
-    assert [r.info.status for r in runs] == ["FINISHED"]
-    assert json.loads((run_dir / "summary.json").read_text()).get("mlflow_run_id") == runs[0].info.run_id
-    assert not (run_dir / ".ray_auth_token").exists()
-    # Ray went down with the job: nothing of this job's Ray (its private temp dir) is still running.
-    leftover = processes_mentioning(f"{ray_tmp}/ray-{job_id}")
-    assert not leftover, [p.cmdline() for p in leftover]
-    assert not (pathlib.Path(ray_tmp) / f"ray-{job_id}").exists(), "the job's Ray temp dir was not removed"
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
 def _netns_pids(name: str) -> set[int]:
     out = subprocess.run(["ip", "netns", "pids", name], check=False, capture_output=True, text=True, timeout=30)
     return {int(p) for p in out.stdout.split()}
@@ -157,6 +104,8 @@ def _netns_pids(name: str) -> set[int]:
 
 @pytest.mark.slow
 def test_sbatch_script_trains_on_two_nodes_one_worker_each(slurm2, tmp_path, tmp_path_factory):
+    import mlflow
+
     store = tiny_store(tmp_path_factory)
     config = write_tiny_config(tmp_path / "tiny2.yaml", name="slurm2", num_workers=2,
                                placement_strategy="STRICT_SPREAD")
@@ -194,7 +143,14 @@ def test_sbatch_script_trains_on_two_nodes_one_worker_each(slurm2, tmp_path, tmp
         assert {r["host"]: r["node_ip"] for r in records} == NODES2
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["world_size"] == 2
+        # Outputs: checkpoints, model, the MLflow run (the script's default: SQLite in the run directory), and
+        # the job's token removed.
+        assert sorted((run_dir / "ray" / "slurm2").glob("epoch_*")), log[-3000:]
         assert (run_dir / "model" / "model.pt").stat().st_size > 0
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+        runs = [r for exp in client.search_experiments() for r in client.search_runs([exp.experiment_id])]
+        assert [r.info.status for r in runs] == ["FINISHED"]
+        assert summary.get("mlflow_run_id") == runs[0].info.run_id
         assert not (run_dir / ".ray_auth_token").exists()
 
         # Ray went down with the job on both nodes: none of its processes left (its private temp dir), nothing

@@ -69,3 +69,5 @@ def test_existing_store_is_left_alone_and_unwritable_cache_falls_back(tmp_path, 
     assert tracking.client(uri).get_experiment(exp).name == "kept"
     assert (tmp_path / "mlflow.db").read_bytes() == before
     assert not list(tmp_path.glob(".mlflow.db.*"))
+    # only a database file is seeded: not an in-memory store, not a URI with options
+    assert [tracking._sqlite_path(u) for u in ("sqlite:///:memory:", "sqlite://", f"{uri}?timeout=5")] == [None] * 3

@@ -50,9 +50,10 @@ def client(uri: str):
 
 
 def _sqlite_path(uri: str) -> pathlib.Path | None:
-    if not uri.startswith("sqlite:///") or "?" in uri:
+    path = uri[len("sqlite:///"):]
+    if not uri.startswith("sqlite:///") or "?" in uri or path in ("", ":memory:"):
         return None
-    return pathlib.Path(uri[len("sqlite:///"):])
+    return pathlib.Path(path)
 
 
 def _schema_template() -> pathlib.Path | None:
@@ -80,7 +81,7 @@ def _schema_template() -> pathlib.Path | None:
             engine.dispose()
         os.replace(tmp, template)  # whole or absent: a concurrent maker writes the same content
         return template
-    except Exception:  # an optimization only: any failure leaves the store to MLflow's own migration
+    except Exception:  # noqa: BLE001 -- an optimization only: any failure leaves the store to MLflow's own migration
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         return None
