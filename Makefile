@@ -19,18 +19,14 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-slow install bench clean
 
-# --no-compile: pip would byte-compile all ~23k modules it installs (~2 min of CPU here); Python compiles the
-# ones a command imports on first use instead, and caches them as usual.
-PIP_INSTALL := $(PY) -m pip install -q --no-compile
-
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) --upgrade pip
+	$(PY) -m pip install -q --upgrade pip
 	# torch first and exactly: anything unpinned would pull the multi-GB CUDA build.
-	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e '.[test,bench]'
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,bench]'
 	# The reference implementation, used only as a test oracle / benchmark peer (never imported by gears_dist).
-	$(PIP_INSTALL) --no-deps cell-gears==0.1.2
+	$(PY) -m pip install -q --no-deps cell-gears==0.1.2
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
