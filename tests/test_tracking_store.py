@@ -70,4 +70,7 @@ def test_existing_store_is_left_alone_and_unwritable_cache_falls_back(tmp_path, 
     assert (tmp_path / "mlflow.db").read_bytes() == before
     assert not list(tmp_path.glob(".mlflow.db.*"))
     # only a database file is seeded: not an in-memory store, not a URI with options
-    assert [tracking._sqlite_path(u) for u in ("sqlite:///:memory:", "sqlite://", f"{uri}?timeout=5")] == [None] * 3
+    monkeypatch.chdir(tmp_path)
+    for u in ("sqlite:///:memory:", "sqlite://", f"sqlite:///{tmp_path / 'opts.db'}?timeout=5"):
+        tracking._seed_sqlite(u)
+    assert not (tmp_path / ":memory:").exists() and not (tmp_path / "opts.db").exists()
