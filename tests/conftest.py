@@ -5,11 +5,12 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
-# Ray Train's controller polls its workers every 2 s and waits for its node-drain watcher at teardown: ~5 s of
-# idle time per run. The launcher shortens both for the local Ray it starts; these also reach the clusters the
+# The launcher's Ray Train settings for a local Ray (~5 s less idle time per run), here also for the clusters the
 # tests start themselves (multi-node, SLURM, job submission), whose processes inherit this environment.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+from gears_dist.distributed.launcher import _LOCAL_TRAIN_ENV
+
+for _k, _v in _LOCAL_TRAIN_ENV.items():
+    os.environ.setdefault(_k, _v)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NORMAN_SUBSET = REPO / "tests" / "data" / "norman19_k562_subset.h5ad"  # vendored: tests/data/SOURCES.md

@@ -31,21 +31,21 @@ import pandas as pd
 
 
 def _print_separability(doubles: list[dict]) -> None:
-    """GO Jaccard (the generator's annotations) of each buffered pair against the additive pairs' range."""
+    """GO Jaccard of each buffered pair (the generator's own score, _pair_go_jaccard) against the additive pairs'."""
     from gears_dist.data.genes import go_annotations
+    from gears_dist.data.synthetic import _pair_go_jaccard
 
-    annotations = go_annotations()
-
-    def jaccard(d: dict) -> float:
-        a, b = annotations.get(d["gene_a"], frozenset()), annotations.get(d["gene_b"], frozenset())
-        return len(a & b) / max(1, len(a | b))
-
-    additive = np.array([jaccard(d) for d in doubles if d["interaction"] == "additive"])
+    genes = sorted({g for d in doubles for g in (d["gene_a"], d["gene_b"])})
+    column = {g: i for i, g in enumerate(genes)}
+    score = _pair_go_jaccard(go_annotations(), genes, np.array([column[d["gene_a"]] for d in doubles]),
+                             np.array([column[d["gene_b"]] for d in doubles]))
+    kinds = np.array([d["interaction"] for d in doubles])
+    additive = score[kinds == "additive"]
     if not len(additive):
         return
     top = float(additive.max())
     for kind in ("suppression", "epistasis"):
-        values = sorted((jaccard(d) for d in doubles if d["interaction"] == kind), reverse=True)
+        values = sorted(score[kinds == kind].tolist(), reverse=True)
         if values:
             above = sum(v > top for v in values)
             print(f"{kind}: GO Jaccard {[round(v, 3) for v in values]}; {above} of {len(values)} above every "

@@ -47,8 +47,12 @@ from gears_dist import progress
 from gears_dist.config import to_dict
 from gears_dist.train.config import RunConfig, run_config_from_dict
 
-# Variables the workers need that a Ray cluster would not otherwise pass on.
+# Ray Train's settings for the local Ray this process starts (defaults: the user's environment wins). Ray Train's
+# controller polls its workers every 2 s and watches for node drains: on one machine that is ~5 s of idle waiting
+# per run (the end of a run is noticed late, and the watcher is waited for at teardown), and a single-node Ray is
+# never drained.
 _LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Variables the workers need that a Ray cluster would not otherwise pass on.
 _WORKER_ENV = ("DS_ACCELERATOR", "DS_BUILD_OPS", "MLFLOW_TRACKING_URI", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
                "OMP_NUM_THREADS", "GEARS_DIST_PROGRESS")
 
@@ -130,11 +134,7 @@ def ensure_ray(address: str | None, cfg: RunConfig, *, log_to_driver: bool = Tru
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        # Ray Train's controller polls its workers every 2 s and watches for node drains every 5 s: on one
-        # machine that is ~5 s of idle waiting per run (the end of a run is noticed late, and the watcher is
-        # waited for at teardown), and a single-node Ray is never drained. Only defaults: the user's win.
-        for k, v in _LOCAL_TRAIN_ENV.items():
-            env.setdefault(k, os.environ.get(k, v))
+        env.update({k: os.environ.get(k, v) for k, v in _LOCAL_TRAIN_ENV.items()})
         # address="local": a new local instance, never a cluster some other process started on this machine
         with _ray_on_loopback():
             info = ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
