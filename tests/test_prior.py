@@ -9,7 +9,7 @@ import torch
 from gears_dist.config import ConfigError, from_dict
 from gears_dist.graphs.graph import GeneGraph
 from gears_dist.model import GEARSModel, ModelConfig
-from gears_dist.model.prior import SetPrior, fit_go_prior
+from gears_dist.model.prior import NUM_TAU_BAGS, TAU_GRID, SetPrior, fit_go_prior
 
 NODES = [f"N{i}" for i in range(8)]
 NUM_GENES = 12
@@ -50,7 +50,8 @@ def _go_estimate(fit, node: int, exclude: str | None, singles: dict, mean: np.nd
     if not cand:
         return np.zeros(NUM_GENES)
     total = sum(w for w, _ in cand)
-    lam = 1.0 if fit.tau == 0 else (0.0 if np.isinf(fit.tau) else total / (total + fit.tau))
+    # lambda: the mean over the bagged taus of W / (W + tau) (one tau when it was given)
+    lam = np.mean([1.0 if t == 0 else (0.0 if np.isinf(t) else total / (total + t)) for t in fit.taus])
     return lam * sum(w * (singles[n] - mean) for w, n in cand) / total
 
 
@@ -150,6 +151,11 @@ def test_saved_prior_reloads_and_config_is_validated():
     fresh.load_state_dict(state)
     perts = torch.tensor([[0, 5], [2, -1]])
     torch.testing.assert_close(fresh.eval().predict_delta(perts), model.eval().predict_delta(perts))
+    # A prior saved before the combination mean existed reloads with m in its place, and predicts as it did.
+    old = {k: v for k, v in state.items() if k != "prior.combo_mean"}
+    older = SetPrior.from_state_dict(old)
+    older.load_state_dict({k[len("prior."):]: v for k, v in old.items() if k.startswith("prior.")})
+    torch.testing.assert_close(older.combo_mean, prior.mean_delta)
     with pytest.raises(RuntimeError, match="attach_prior"):
         GEARSModel(ModelConfig(hidden_size=8, prior="go"), NUM_GENES, len(NODES), ei, ew,
                    torch.tensor([[0], [1]]), None).eval().predict_delta(perts)
@@ -157,6 +163,26 @@ def test_saved_prior_reloads_and_config_is_validated():
         from_dict(ModelConfig, {"prior": "knn"}).validate()
     with pytest.raises(ValueError, match="prior"):
         SetPrior.from_state_dict({})
+
+
+def test_the_choice_of_tau_is_bagged_over_resamples_of_the_training_singles():
+    # Singles whose profiles vary smoothly around the ring (neighbours alike) plus noise: the leave-one-out
+    # evidence for tau is mixed, as on a real screen's dozen singles.
+    rng = np.random.default_rng(0)
+    genes = ["N0", "N1", "N2", "N4", "N5", "N6"]
+    phase = rng.uniform(0, 2 * np.pi, NUM_GENES)
+    deltas = np.stack([np.cos(2 * np.pi * int(g[1:]) / 8 + phase) for g in genes])
+    deltas += 0.6 * rng.normal(size=deltas.shape)
+    m = deltas.mean(0)
+    fit = fit_go_prior(_graph(), genes, deltas, m)
+    assert len(fit.taus) == NUM_TAU_BAGS and set(fit.taus.tolist()) <= set(TAU_GRID)
+    assert len(set(fit.taus.tolist())) > 1 and fit.tau in fit.taus   # mixed evidence; the full-data choice among them
+    np.testing.assert_array_equal(fit_go_prior(_graph(), genes, deltas, m).taus, fit.taus)   # seeded
+    # An unseen gene's shrinkage is the mean of the bagged factors, not the full-data tau's.
+    singles = dict(zip(genes, deltas))
+    np.testing.assert_allclose(fit.predict_delta([[3]])[0], m + _go_estimate(fit, 3, None, singles, m), atol=1e-5)
+    fixed = fit_go_prior(_graph(), genes, deltas, m, k=fit.k, tau=fit.tau)
+    assert not np.allclose(fixed.predict_delta([[3]])[0], fit.predict_delta([[3]])[0], atol=1e-4)
 
 
 def test_estimated_flags_follow_what_the_prior_knows():
@@ -225,10 +251,14 @@ def test_gene_seen_only_in_combinations_gets_the_additive_remainder_and_no_leak(
     np.testing.assert_allclose(got[0], want_n3, atol=1e-5)
     np.testing.assert_allclose(got[1], singles["N0"] + want_n3, atol=1e-5)   # a seen pair: additive
     # N3 (derived) beside N7 (GO-estimated only): no trained single anchors the pair, so it is an unseen set,
-    # m + beta (dev N3 + dev N7); both genes derived (N3 + N6): a seen pair, additive over the derived deltas.
+    # m_c + beta (dev N3 + dev N7), m_c the training combinations' mean delta (what N3 was seen in); both genes
+    # derived (N3 + N6): a seen pair, additive over the derived deltas.
     dev7 = _go_estimate(fit, 7, None, singles, m)
-    np.testing.assert_allclose(got[2], m + fit.beta_unseen * (want_n3 - m + dev7), atol=1e-5)
+    m_c = double_deltas.mean(0)
+    np.testing.assert_allclose(fit.combo_mean, m_c)
+    np.testing.assert_allclose(got[2], m_c + fit.beta_unseen * (want_n3 - m + dev7), atol=1e-5)
     assert not np.allclose(got[2], want_n3 + m + dev7, atol=1e-3)
+    assert not np.allclose(m_c, m, atol=1e-3)
     want_n6 = fit.predict_delta([[6]])[0]
     np.testing.assert_allclose(got[3], want_n3 + want_n6, atol=1e-5)
     # Training (cross-fitted): a derived gene takes its GO estimate, so N0+N3's prior ignores its own cells.
@@ -236,6 +266,11 @@ def test_gene_seen_only_in_combinations_gets_the_additive_remainder_and_no_leak(
     train_pair = torch.tensor([[0, 3]])
     np.testing.assert_allclose(prior(train_pair, cross_fit=True)[0].numpy(), singles["N0"] + est["N3"], atol=1e-5)
     assert prior.estimated(train_pair, cross_fit=True).tolist() == [[False, True]]
+    # ... and a set of a derived and a GO-estimated gene keeps m while training: m_c holds the training
+    # combinations' own deltas.
+    unanchored = torch.tensor([[3, 7]])
+    np.testing.assert_allclose(prior(unanchored, cross_fit=True)[0].numpy(),
+                               m + fit.beta_unseen * (est["N3"] - m + dev7), atol=1e-5)
     assert prior.estimated(train_pair).tolist() == [[False, False]]
     fit2 = fit_go_prior(_graph(), list(singles), np.stack(list(singles.values())), m, doubles,
                         double_deltas + np.array([[5.0], [0.0]]), k=3, tau=0.1)

@@ -23,13 +23,21 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
     training combinations show as a whole;
 - otherwise: dev(p) = lambda_p (a_p - m), a_p the GO-similarity-weighted mean of the observed deltas of p's
   top-k GO neighbours among the training singles, shrunk by lambda_p = W_p / (W_p + tau) (W_p: their total
-  Jaccard weight; no neighbour: dev 0). k and tau are fitted by leave-one-out over the training singles.
+  Jaccard weight; no neighbour: dev 0). k and tau are fitted by leave-one-out over the training singles, and the
+  choice of tau is bagged: lambda_p is the mean of W_p / (W_p + tau_b) over the taus chosen on bootstrap
+  resamples of those singles. A screen has a handful to a few dozen singles, and the leave-one-out argmin alone
+  jumps between no shrinkage and none of the estimate from one split to the next (on 20 Norman splits: tau 0
+  once, inf five times); averaging the choice keeps the estimate where the evidence is mixed.
 
 For a set S: prior(S) = |S| m + sum_p dev(p) when S has a gene whose single was trained, when every gene of S
 is seen (trained or derived), or when S is one gene: that is the additive baseline when every single was
 trained, and the shrunk GO estimate for an unseen single. Any other set of two or more genes (no trained
-single, some gene GO-estimated) gets m + beta sum_p dev(p): summing per-gene estimates that are each already
-pulled toward m would count m |S| times, and a derived gene's remainder does not anchor such a set. beta in
+single, some gene GO-estimated) gets c + beta sum_p dev(p): summing per-gene estimates that are each already
+pulled toward m would count m |S| times, and a derived gene's remainder does not anchor such a set. c is m,
+except for a set with a derived gene outside training (cross-fitting keeps m): there c is m_c, the mean delta
+of the training sets of two or more genes. A derived gene's evidence is the combinations it was in, and with
+the few combinations a screen trains on, those are a large part of m_c; a set of genes never perturbed in
+training has no such evidence and keeps m. beta in
 [0, 1] is fitted on the training doubles of trained singles, cross-fitted (each double's two singles held out
 of its own GO estimates), and kept only where it predicts held-out doubles better than beta = 0 by more than
 one standard error; else 0.
@@ -63,6 +71,8 @@ TAU_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, np.inf)
 COMBO_GRID = (np.inf, 8.0, 4.0, 2.0, 1.0, 0.5)
 # Leave-one-out fits use at most this many training singles and doubles (genome screens have ~10k).
 MAX_FIT_CONDITIONS = 1000
+# Bootstrap resamples of the training singles over which the choice of tau is averaged (module doc).
+NUM_TAU_BAGS = 200
 
 
 @dataclasses.dataclass
@@ -84,20 +94,29 @@ class PriorFit:
     combo_weight: float         # w of the combination deltas (inf: none)
     beta_unseen: float          # weight of the deviations for sets of >= 2 genes that are not anchored
     k: int
-    tau: float
+    tau: float                  # the leave-one-out choice on all training singles
     loo_mse: float              # leave-one-out MSE of the fitted estimate over the training singles
     # [P] expression column of each node's own gene (-1: not measured). A perturbation sets its target's own
     # expression directly (CRISPRa up, CRISPRi down), whatever its partners do: gains on the prior leave it alone.
     node_column: np.ndarray | None = None
     # what the combination rows are: "combination" deltas (weight w), "linear" responses, or "none"
     combo_source: str = "combination"
+    # the taus whose shrinkage factors are averaged (the bootstrap choices; [tau] when given or not bagged)
+    taus: np.ndarray | None = None
+    # [G] m_c, the mean delta of the training sets of two or more genes (None: no such set, m is used)
+    combo_mean: np.ndarray | None = None
 
     def summary(self) -> str:
         lowrank = "exact" if self.basis is None else f"rank {self.basis.shape[0]}"
         return (f"GO prior: {len(self.single_genes)} training singles, {int(self.derived.sum())} genes derived from "
                 f"training combinations, {self._combo_text()} "
-                f"({lowrank}), k {self.k}, tau {self.tau:g}, "
+                f"({lowrank}), k {self.k}, tau {self._tau_text()}, "
                 f"beta for unseen sets {self.beta_unseen:.3f}, leave-one-out mse {self.loo_mse:.4g}")
+
+    def _tau_text(self) -> str:
+        if self.taus is None or len(self.taus) <= 1:
+            return f"{self.tau:g}"
+        return f"{self.tau:g} (bagged: median {np.median(self.taus):g}, {np.mean(np.isinf(self.taus)):.0%} inf)"
 
     def _combo_text(self) -> str:
         num = int((self.combo_index >= 0).sum())
@@ -132,9 +151,19 @@ def _neighbour_lists(go, single_index: dict[str, int]) -> list[tuple[np.ndarray,
             for p in range(go.num_nodes)]
 
 
-def _estimate_coefficients(rows: np.ndarray, weights: np.ndarray, exclude: Sequence[int], k: int, tau: float
+def _shrinkage(total: float, taus) -> float:
+    """lambda = the mean over taus of W / (W + tau) (tau 0: 1, inf: 0)."""
+    taus = np.atleast_1d(np.asarray(taus, dtype=np.float64))
+    finite = np.isfinite(taus)
+    lam = np.zeros_like(taus)
+    lam[finite] = np.divide(total, total + taus[finite], out=np.ones(int(finite.sum())), where=taus[finite] > 0)
+    return float(lam.mean())
+
+
+def _estimate_coefficients(rows: np.ndarray, weights: np.ndarray, exclude: Sequence[int], k: int, tau
                            ) -> tuple[np.ndarray, np.ndarray]:
-    """(row ids, coefficients) of lambda * (Jaccard-weighted mean of the top-k neighbours), without `exclude`."""
+    """(row ids, coefficients) of lambda * (Jaccard-weighted mean of the top-k neighbours), without `exclude`;
+    tau: one value or the bagged taus (lambda is then the mean of the shrinkage factors)."""
     if len(exclude):
         ok = ~np.isin(rows, exclude)
         rows, weights = rows[ok], weights[ok]
@@ -142,8 +171,7 @@ def _estimate_coefficients(rows: np.ndarray, weights: np.ndarray, exclude: Seque
     total = weights.sum()
     if total <= 0:
         return rows[:0], weights[:0]
-    shrink = 1.0 if tau == 0 else (0.0 if np.isinf(tau) else total / (total + tau))
-    return rows, weights * (shrink / total)
+    return rows, weights * (_shrinkage(total, tau) / total)
 
 
 def _apply(coef: tuple[np.ndarray, np.ndarray], residuals: np.ndarray) -> np.ndarray:
@@ -190,17 +218,22 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
     if (k is None) != (tau is None):
         raise ValueError(f"fit_go_prior: give both k and tau or neither (received k={k}, tau={tau})")
     best = (np.inf, K_GRID[-1], np.inf) if k is None else (np.nan, int(k), float(tau))
+    taus = np.array([best[2]])
     if fit_rows.size and k is None:
-        for k in K_GRID:
-            for tau in TAU_GRID:
-                err = 0.0
-                for r in fit_rows:
+        errors = np.zeros((fit_rows.size, len(K_GRID), len(TAU_GRID)))   # per held-out single
+        for a, k in enumerate(K_GRID):
+            for b, tau in enumerate(TAU_GRID):
+                for i, r in enumerate(fit_rows):
                     nbr_rows, nbr_w = neighbours[node_index[genes[r]]]
                     est = _apply(_estimate_coefficients(nbr_rows, nbr_w, [r], k, tau), residuals)
-                    err += float(np.mean((est - residuals[r]) ** 2))
-                err /= fit_rows.size
+                    errors[i, a, b] = float(np.mean((est - residuals[r]) ** 2))
+                err = errors[:, a, b].mean()
                 if err < best[0] - 1e-12:
                     best = (err, k, tau)
+        # Bag the choice of tau at the chosen k (module doc): the argmin on each bootstrap resample.
+        curves = errors[:, K_GRID.index(best[1]), :]
+        picks = rng.integers(0, fit_rows.size, size=(NUM_TAU_BAGS, fit_rows.size))
+        taus = np.asarray(TAU_GRID)[np.argmin(curves[picks].mean(axis=1), axis=1)]
     loo_mse, k, tau = best
 
     # Per-node coefficient tables (padded to k + 1 entries).
@@ -213,7 +246,7 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
     for p, name in enumerate(go.nodes):
         nbr_rows, nbr_w = neighbours[p]
         own = single_index.get(name)
-        rows_est, w_est = _estimate_coefficients(nbr_rows, nbr_w, [] if own is None else [own], k, tau)
+        rows_est, w_est = _estimate_coefficients(nbr_rows, nbr_w, [] if own is None else [own], k, taus)
         loo_index[p, :rows_est.size], loo_weight[p, :rows_est.size] = rows_est, w_est
         if own is None:
             eval_index[p, :rows_est.size], eval_weight[p, :rows_est.size] = rows_est, w_est
@@ -225,14 +258,15 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
     beta = 0.0
     pairs = [(i, tuple(pair)) for i, pair in enumerate(doubles)
              if len(pair) == 2 and all(g in single_index for g in pair)]
-    if pairs and double_deltas is not None and np.isfinite(tau):
+    if pairs and double_deltas is not None and np.isfinite(taus).any():
         if len(pairs) > MAX_FIT_CONDITIONS:
             pairs = [pairs[i] for i in np.sort(rng.choice(len(pairs), MAX_FIT_CONDITIONS, replace=False))]
         double_deltas = np.asarray(double_deltas, dtype=np.float64)
         xy, xx, yy = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs))
         for t, (i, (a, b)) in enumerate(pairs):
             held = [single_index[a], single_index[b]]
-            x = sum(_apply(_estimate_coefficients(*neighbours[node_index[g]], held, k, tau), residuals) for g in (a, b))
+            x = sum(_apply(_estimate_coefficients(*neighbours[node_index[g]], held, k, taus), residuals)
+                    for g in (a, b))
             y = double_deltas[i] - mean_delta
             xy[t], xx[t], yy[t] = x @ y, x @ x, y @ y
         beta = _fit_beta(xy, xx, yy)
@@ -307,7 +341,9 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                     eval_index=eval_index, eval_weight=eval_weight, loo_index=loo_index, loo_weight=loo_weight,
                     seen=seen, derived=derived, combo_index=combo_index, combo_weight=float(combo_weight),
                     combo_source=combo_source,
-                    beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse),
+                    beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse), taus=taus,
+                    combo_mean=(np.asarray(double_deltas, dtype=np.float64).mean(axis=0)
+                                if len(doubles) and double_deltas is not None else None),
                     node_column=node_columns(go.nodes, gene_symbols))
 
 
@@ -486,6 +522,8 @@ class SetPrior(nn.Module):
         if fit is not None:
             tensors = {
                 "mean_delta": torch.as_tensor(fit.mean_delta, dtype=torch.float32),
+                "combo_mean": torch.as_tensor(fit.combo_mean if fit.combo_mean is not None else fit.mean_delta,
+                                              dtype=torch.float32),
                 "rows": torch.as_tensor(fit.rows, dtype=torch.float32),
                 "basis": torch.as_tensor(fit.basis if fit.basis is not None else np.zeros((0, 0)),
                                          dtype=torch.float32),
@@ -508,14 +546,16 @@ class SetPrior(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t)
 
-    BUFFERS = ("mean_delta", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight", "seen",
+    BUFFERS = ("mean_delta", "combo_mean", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight", "seen",
                "derived", "combo_index", "beta_unseen", "node_column")
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "prior.") -> SetPrior:
         """An empty SetPrior shaped like the one saved in `state` (load_state_dict then fills it). A prior saved
-        before derived genes and combination deltas existed gets them empty (added to `state`): it predicts as
-        it did."""
+        before derived genes, combination deltas and the combination mean existed gets them empty (added to
+        `state`; the combination mean as m): it predicts as it did."""
+        if prefix + "mean_delta" in state:
+            state.setdefault(prefix + "combo_mean", state[prefix + "mean_delta"].clone())
         if prefix + "seen" in state:
             seen = state[prefix + "seen"]
             state.setdefault(prefix + "derived", torch.zeros_like(seen))
@@ -597,7 +637,14 @@ class SetPrior(nn.Module):
         anchored = trained.any(1) | (seen | ~valid).all(1) | (size <= 1)
         share = torch.where(anchored, 1.0, 1.0 / size.clamp_min(1).to(dev.dtype))
         beta = torch.where(anchored, torch.ones_like(share), self.beta_unseen.float().expand_as(share))
-        mean_part = (share.unsqueeze(1) * valid.to(dev.dtype)).unsqueeze(-1) * self.mean_delta.float()
+        mean = self.mean_delta.float().expand(num_sets, -1)
+        if loo is None:
+            # An unanchored set with a derived gene: the training combinations' mean (module doc). Over Norman
+            # splits 1-20 this took combo_seen1 mse_de from 0.154 to 0.137; a set of never-trained genes
+            # (combo_seen0) got worse with it (0.251 to 0.267), so it keeps m.
+            use_combo_mean = ~anchored & (valid & self.derived[node]).any(1)
+            mean = torch.where(use_combo_mean.unsqueeze(1), self.combo_mean.float(), mean)
+        mean_part = (share.unsqueeze(1) * valid.to(dev.dtype)).unsqueeze(-1) * mean.unsqueeze(1)
         return mean_part + beta.view(-1, 1, 1) * dev
 
     def forward(self, perts: Tensor, cross_fit: bool = False, as_unseen: Tensor | None = None) -> Tensor:
