@@ -168,7 +168,7 @@ def test_truth_table_matches_conditions_and_effects(tiny_adata, tiny_h5ad):
     assert [d["interaction"] for d in sidecar["doubles"]] == kinds
 
 
-@pytest.mark.parametrize("structure", ["random", "graph"])
+@pytest.mark.parametrize("structure", ["random", "graph", "graded"])
 def test_double_effects_follow_their_recorded_interaction(structure):
     spec = synthetic.ScreenSpec(num_cells=4000, num_genes=300, num_singles=30, num_doubles=60,
                                 interaction_frac=0.5, interaction_structure=structure, seed=5)
@@ -190,7 +190,8 @@ def test_double_effects_follow_their_recorded_interaction(structure):
             assert ratio == pytest.approx(model.truth["neomorphic_ratio"][i], rel=1e-4)
         else:
             np.testing.assert_allclose(got, pred, atol=1e-5)
-    assert seen >= {"additive", "synergy", "suppression", "neomorphism"}
+    assert seen >= ({"additive", "synergy", "suppression"} if structure == "graded"
+                    else {"additive", "synergy", "suppression", "neomorphism"})
 
 
 GRAPH = synthetic.ScreenSpec(num_cells=4000, num_genes=300, num_singles=60, num_doubles=300, interaction_frac=0.3,
@@ -243,6 +244,40 @@ def test_graph_interactions_follow_go_and_effect_similarity():
     assert np.array_equal(again.effects, model.effects)
 
 
+GRADED = GRAPH.replace(interaction_structure="graded", related_pair_frac=0.5)
+
+
+def test_graded_interactions_are_a_smooth_function_of_go_and_effect_similarity():
+    model = synthetic.screen_model(GRADED)
+    kinds, jac, cos = _pair_features(model)
+    gain = np.array(model.truth["c_a"])
+    assert np.array_equal(gain, np.array(model.truth["c_b"])) and np.allclose(gain, model.truth["magnitude"])
+    # The type names the gain: suppression below 0.8, synergy above 1.2.
+    assert set(kinds) == {"additive", "suppression", "synergy"}
+    assert (gain[kinds == "suppression"] < 0.8).all() and (gain[kinds == "synergy"] > 1.2).all()
+    # Buffering grows with shared annotation, smoothly: 1 - 0.8 clip((J - 0.05) / 0.15), up to the rule's noise
+    # (sd 0.02 on J, i.e. 0.11 on the gain).
+    expected = 1.0 - 0.8 * np.clip((jac - 0.05) / 0.15, 0.0, 1.0)
+    buffered = (jac > 0.05) & (kinds != "synergy")
+    assert buffered.sum() >= 50
+    assert np.abs(gain[buffered] - expected[buffered]).max() < 0.45
+    assert np.abs(gain[buffered] - expected[buffered]).mean() < 0.1
+    assert np.corrcoef(jac[buffered], gain[buffered])[0, 1] < -0.5
+    assert (gain[jac < 0.01] >= 0.99).all()          # no shared annotation: never buffered
+    # Synergy only between genes with little shared annotation whose effects agree.
+    assert jac[kinds == "synergy"].max() < 0.1 and cos[kinds == "synergy"].min() > 0.1
+    # related_pair_frac: half the doubles come from the top decile of all pairs by GO Jaccard, far more than chance.
+    go = go_annotations()
+    genes = model.perturbed
+    all_jac = np.array([len(go[x] & go[y]) / len(go[x] | go[y]) for i, x in enumerate(genes) for y in genes[i + 1:]])
+    assert (jac >= np.quantile(all_jac, 0.9)).mean() >= 0.5
+    null = synthetic.screen_model(GRAPH)
+    assert (_pair_features(null)[1] >= np.quantile(all_jac, 0.9)).mean() < 0.25
+    # The random null of the same spec draws the same pairs.
+    assert synthetic.screen_model(GRADED.replace(interaction_structure="random")).truth["condition"] == \
+        model.truth["condition"]
+
+
 def test_random_interactions_are_the_unchanged_null():
     assert synthetic.ScreenSpec().interaction_structure == "random"
     assert synthetic.PRESETS["demo"].interaction_structure == "graph"
@@ -262,10 +297,12 @@ def test_random_interactions_are_the_unchanged_null():
 
 
 def test_bad_interaction_structure_names_the_field():
-    with pytest.raises(ConfigError, match="interaction_structure: expected one of \\['random', 'graph'\\]"):
+    with pytest.raises(ConfigError, match="interaction_structure: expected one of \\['random', 'graph', 'graded'\\]"):
         synthetic.preset("tiny", interaction_structure="modules")
     with pytest.raises(ConfigError, match="interaction_structure"):
         TINY.replace(interaction_structure="Graph")
+    with pytest.raises(ConfigError, match="related_pair_frac: expected in \\[0, 1\\], received 1.5"):
+        TINY.replace(related_pair_frac=1.5)
 
 
 def test_observed_responses_follow_the_true_effects(tiny_adata):

@@ -23,6 +23,12 @@ What is generated (all deterministic by ``ScreenSpec.seed``):
   terms buffer each other -- suppression, epistasis --, genes of different GO neighbourhoods with
   similar single effects synergize, the rest are additive, neomorphism stays random), a function of
   the GO graph and the singles plus a little seeded noise, so a model that sees both can learn it.
+  ``graded``: every pair's gains are a smooth function of the same two features (see _graded_gains):
+  the more GO annotation two genes share, the more they buffer each other; genes with little shared
+  annotation whose effects point the same way synergize, more the more alike their effects. The
+  recorded type names the result (suppression below 0.8, synergy above 1.2). With
+  ``related_pair_frac`` > 0, part of the doubles are drawn among GO-related pairs, as real
+  combinatorial screens choose theirs.
 - Counts are negative binomial (``nb_sparse``) around log-normal gene means times a log-normal
   library size (median ~10k UMIs for Norman-like screens), with a per-cell penetrance (a fraction
   of cells escape the perturbation). About 8% of cells are controls.
@@ -70,7 +76,7 @@ from gears_dist.data.conditions import condition_name
 from gears_dist.data.genes import go_annotations
 
 INTERACTION_TYPES = ("synergy", "suppression", "neomorphism", "epistasis")
-INTERACTION_STRUCTURES = ("random", "graph")
+INTERACTION_STRUCTURES = ("random", "graph", "graded")
 TRUTH_KEY = "gears_dist_truth"
 STYLES = ("gears", "scperturb")
 TARGET_SUM = 1e4
@@ -98,7 +104,11 @@ class ScreenSpec:
     # interaction_weights are each interaction's type probabilities) or "graph" (from the pair's GO and
     # single-effect similarity, see _graph_interactions; the weights fix each type's count). The same
     # seed gives the same pairs either way.
-    interaction_structure: Literal["random", "graph"] = "random"
+    interaction_structure: Literal["random", "graph", "graded"] = "random"
+    # Share of the doubles drawn among GO-related pairs (the top decile of all pairs by GO Jaccard), the rest at
+    # random: real combinatorial screens pair related genes on purpose (Norman et al. 2019 chose pairs within
+    # and across pathways); drawn at random among 40 genes, ~2 of 40 pairs fall within a GO module.
+    related_pair_frac: float = 0.0
     num_programs: int = 60                  # latent expression programs
     program_density: float = 0.05           # fraction of measured genes a program touches
     programs_per_term: int = 2              # programs mixed by each GO term
@@ -142,7 +152,7 @@ class ScreenSpec:
         require(self.modality in ("crispra", "crispri"), "modality",
                 f"expected 'crispra' or 'crispri', received {self.modality!r}")
         for name in ("measured_perturbed_frac", "module_frac", "interaction_frac", "go_weight", "null_frac",
-                     "escape_frac"):
+                     "escape_frac", "related_pair_frac"):
             v = getattr(self, name)
             require(0.0 <= v <= 1.0, name, f"expected in [0, 1], received {v}")
         require(0.0 < self.program_density <= 1.0, "program_density",
@@ -154,6 +164,9 @@ class ScreenSpec:
                 and (self.interaction_frac == 0 or sum(self.interaction_weights.values()) > 0),
                 "interaction_weights", f"expected non-negative weights with a positive sum, received "
                 f"{self.interaction_weights}")
+        require(self.related_pair_frac == 0 or self.num_singles <= MAX_RELATED_PAIR_SINGLES, "related_pair_frac",
+                f"scores every pair of the {self.num_singles} singles; expected at most "
+                f"{MAX_RELATED_PAIR_SINGLES} singles, or related_pair_frac 0")
         require(self.interaction_structure in INTERACTION_STRUCTURES, "interaction_structure",
                 f"expected one of {list(INTERACTION_STRUCTURES)}, received {self.interaction_structure!r}")
         for name in ("num_programs", "programs_per_term", "block_cells"):
@@ -457,13 +470,46 @@ def _graph_interactions(spec: ScreenSpec, num_inter: int, jaccard: np.ndarray, c
     return kinds
 
 
+# Graded rule (interaction_structure='graded'): buffering grows from no GO overlap (Jaccard 0.05) to a lot (0.2),
+# down to a gain of 0.2; synergy grows with the effects' cosine from 0.15 to 0.35 (the demo's unrelated pairs:
+# 95th percentile 0.25), up to a gain of 2.5, for pairs with little GO overlap only.
+_GRADED_JACCARD = (0.05, 0.2)
+_GRADED_COSINE = (0.15, 0.35)
+
+
+def _graded_gains(jaccard: np.ndarray, cosine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each pair's gain c (both genes' effects scaled by c) from its GO Jaccard and effect cosine."""
+    jac = jaccard + _GRAPH_NOISE_JACCARD * rng.standard_normal(len(jaccard))
+    cos = cosine + _GRAPH_NOISE_COSINE * rng.standard_normal(len(cosine))
+    lo, hi = _GRADED_JACCARD
+    buffering = np.clip((jac - lo) / (hi - lo), 0.0, 1.0)
+    lo_c, hi_c = _GRADED_COSINE
+    synergy = np.clip((cos - lo_c) / (hi_c - lo_c), 0.0, 1.0) * (buffering == 0)
+    return 1.0 - 0.8 * buffering + 1.5 * synergy
+
+
+# related_pair_frac scores every pair of the singles (n^2 / 2 Jaccards): combinatorial screens have ~100 genes.
+MAX_RELATED_PAIR_SINGLES = 2000
+
+
 def _doubles(spec: ScreenSpec, go: dict[str, frozenset[int]], perturbed: list[str], downstream: np.ndarray,
              programs: np.ndarray, own_cols: np.ndarray,
              rng: np.random.Generator) -> tuple[list[tuple[int, int]], np.ndarray, dict[str, list]]:
     """Pairs of perturbed genes, their downstream effects and the ground-truth table."""
     num_p = len(perturbed)
     num_pairs = num_p * (num_p - 1) // 2
-    flat = np.sort(rng.choice(num_pairs, size=spec.num_doubles, replace=False)) if spec.num_doubles else []
+    num_related = round(spec.related_pair_frac * spec.num_doubles)
+    if num_related:
+        # Pair k of the lexicographic order is (row[k], col[k]); the related pairs: the top decile by GO Jaccard.
+        row, col = np.triu_indices(num_p, 1)
+        jaccard = _pair_go_jaccard(go, perturbed, row, col)
+        related = np.flatnonzero(jaccard >= np.quantile(jaccard, 0.9))
+        chosen = rng.choice(related, size=min(num_related, len(related)), replace=False)
+        others = np.setdiff1d(np.arange(num_pairs), chosen)
+        flat = np.sort(np.concatenate([chosen, rng.choice(others, size=spec.num_doubles - len(chosen),
+                                                          replace=False)]))
+    else:
+        flat = np.sort(rng.choice(num_pairs, size=spec.num_doubles, replace=False)) if spec.num_doubles else []
     # Unrank pair index k -> (i, j), i < j, in lexicographic order.
     pairs = []
     for k in flat:
@@ -476,8 +522,14 @@ def _doubles(spec: ScreenSpec, go: dict[str, frozenset[int]], perturbed: list[st
         pairs.append((i, j))
     num_inter = round(spec.interaction_frac * spec.num_doubles)
     kinds = np.array(["additive"] * spec.num_doubles, dtype=object)
-    stronger_a = None
-    if spec.interaction_structure == "graph":
+    stronger_a = graded = None
+    if spec.interaction_structure == "graded":
+        first = np.array([i for i, _ in pairs], dtype=np.int64)
+        second = np.array([j for _, j in pairs], dtype=np.int64)
+        cosine, _, _ = _pair_effect_stats(downstream, first, second)
+        graded = _graded_gains(_pair_go_jaccard(go, perturbed, first, second), cosine, rng)
+        kinds = np.where(graded < 0.8, "suppression", np.where(graded > 1.2, "synergy", "additive")).astype(object)
+    elif spec.interaction_structure == "graph":
         first = np.array([i for i, _ in pairs], dtype=np.int64)
         second = np.array([j for _, j in pairs], dtype=np.int64)
         cosine, norm_i, norm_j = _pair_effect_stats(downstream, first, second)
@@ -500,7 +552,9 @@ def _doubles(spec: ScreenSpec, go: dict[str, frozenset[int]], perturbed: list[st
         c_a = c_b = 1.0
         neo_ratio = 0.0
         draw = rng.random(3)
-        if kind == "synergy":
+        if graded is not None:
+            c_a = c_b = float(graded[d])
+        elif kind == "synergy":
             c_a = c_b = 1.5 + draw[0]
         elif kind == "suppression":
             c_a = c_b = 0.2 + 0.4 * draw[0]

@@ -546,8 +546,8 @@ class SetPrior(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t)
 
-    BUFFERS = ("mean_delta", "combo_mean", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight", "seen",
-               "derived", "combo_index", "beta_unseen", "node_column")
+    BUFFERS = ("mean_delta", "combo_mean", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight",
+               "seen", "derived", "combo_index", "beta_unseen", "node_column")
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "prior.") -> SetPrior:
