@@ -126,3 +126,24 @@ def test_go_prior_baseline_is_additive_on_trained_singles_and_covers_graph_genes
     prior = B.GOPrior(train, _go_for(train))
     np.testing.assert_allclose(prior(test), B.Additive(train)(test), atol=1e-5)
     assert prior.covers([("P0", "P1"), ("P0", "X9")]).tolist() == [True, False]
+
+
+def test_go_prior_baseline_is_the_prior_the_model_fits(tiny_doubles_store):
+    """The go_prior baseline and the prior-anchored model's prior (fit_from_store) are one fit: the same
+    expression columns for the perturbed genes (kept additive by the linear responses and left alone by gains)
+    and the same predictions."""
+    from gears_dist.evaluate.pipeline import store_go_graph
+    from gears_dist.model.prior import fit_from_store
+
+    store, split = tiny_doubles_store
+    go = store_go_graph(store)
+    baseline = B.GOPrior(B.training_profiles(store, split.train), go)
+    model_prior = fit_from_store(store, split.train, go)
+    assert (model_prior.node_column >= 0).any()
+    np.testing.assert_array_equal(baseline.fit.node_column, model_prior.node_column)
+    assert baseline.fit.combo_source == model_prior.combo_source
+    table = dict(zip(store.condition_names, store.condition_genes()))
+    sets = [tuple(table[n]) for n in split.test if table[n]]
+    node = {g: i for i, g in enumerate(go.nodes)}
+    np.testing.assert_allclose(baseline(sets) - store.array("stats/control_mean")[None, :],
+                               model_prior.predict_delta([[node[g] for g in s] for s in sets]), atol=1e-4)

@@ -400,6 +400,42 @@ def test_linear_responses_win_where_singles_are_noisy_views_of_a_low_rank_world(
     np.testing.assert_allclose(prior(pair, cross_fit=True)[0].numpy(), noisy["N0"] + noisy["N3"], atol=1e-5)
 
 
+def test_linear_responses_keep_the_targets_own_columns_additive():
+    """Pairs that buffer each other downstream (half their sum) while each target's own column is set by its
+    perturbation: the linear responses fitted to them stay at the observed singles on the targets' columns, so a
+    pair of trained genes is additive there, and only downstream carries the fitted sub-additivity."""
+    from gears_dist.model.prior import _combination_deltas, _fit_linear_deltas
+
+    rng = np.random.default_rng(12)
+    num_genes = 60
+    symbols = NODES[:6] + [f"x{j}" for j in range(num_genes - 6)]
+    truth = {g: rng.normal(size=2) @ rng.normal(size=(2, num_genes)) for g in NODES[:6]}
+    for j, g in enumerate(NODES[:6]):
+        truth[g][j] = 5.0                                   # the target's own expression
+    noisy = {g: t + 0.3 * rng.normal(size=num_genes) for g, t in truth.items()}
+    combos = [("N0", "N1"), ("N0", "N2"), ("N1", "N3"), ("N2", "N4"), ("N3", "N5"), ("N4", "N5"), ("N1", "N4")]
+    deltas = []
+    for a, b in combos:
+        d = 0.5 * (truth[a] + truth[b])
+        d[[NODES.index(a), NODES.index(b)]] = 5.0
+        deltas.append(d + 0.3 * rng.normal(size=num_genes))
+    deltas = np.stack(deltas)
+    singles = list(noisy)
+    fit = _fit_linear_deltas(singles, np.stack(list(noisy.values())), combos, deltas, range(len(combos)), symbols)
+    for j, g in enumerate(singles):
+        np.testing.assert_allclose(fit.responses[fit.vocab[g], :6], noisy[g][:6])
+    pair = fit.responses[fit.vocab["N0"]] + fit.responses[fit.vocab["N3"]]
+    np.testing.assert_allclose(pair[[0, 3]], noisy["N0"][[0, 3]] + noisy["N3"][[0, 3]])
+    downstream = slice(6, None)
+    additive = (noisy["N0"] + noisy["N3"])[downstream]
+    assert np.linalg.norm(pair[downstream]) < 0.8 * np.linalg.norm(additive)   # sub-additive downstream
+    # and it is what the prior uses when the linear candidate wins
+    rows, _, source = _combination_deltas(combos, deltas, noisy, set(noisy), rng,
+                                          linear_data=(singles, np.stack(list(noisy.values())), symbols))
+    assert source == "linear"
+    np.testing.assert_allclose((rows["N0"] + rows["N3"])[[0, 3]], pair[[0, 3]])
+
+
 @pytest.mark.parametrize("num_pairs", [1, 2])
 def test_prior_fits_with_as_few_as_one_training_pair(num_pairs):
     """Held out, a screen's only training pair leaves the linear model no combination to fit: it must still fit

@@ -185,7 +185,7 @@ class GOPrior(Baseline):
         singles = [i for i, p in enumerate(train.perts) if len(p) == 1]
         doubles = [i for i, p in enumerate(train.perts) if len(p) >= 2]
         self.fit = fit_go_prior(go, [train.perts[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
-                                [train.perts[i] for i in doubles], deltas[doubles])
+                                [train.perts[i] for i in doubles], deltas[doubles], gene_symbols=train.gene_symbols)
         self.node_index = {g: i for i, g in enumerate(go.nodes)}
         self.control = train.control_mean
 

@@ -459,14 +459,24 @@ LINEAR_FOLDS = 10
 
 
 def _fit_linear_deltas(single_genes, single_deltas, combos, combo_deltas, use, symbols):
-    """The linear model on the training singles and the combinations `use`, in deltas (centre: no change)."""
+    """The linear model on the training singles and the combinations `use`, in deltas (centre: no change),
+    its responses kept at the observed singles on the trained genes' own columns: a perturbation sets its
+    target's expression whatever its partner does, so a set stays additive there. (A model fitted to
+    sub-additive pairs would otherwise shrink the targets' own change, the largest entries of a profile: on a
+    generated screen where half the pairs buffer, one split's test pairs went from mse_de 0.04 additive to 0.37.)"""
     use = np.asarray(list(use), dtype=np.int64)
     perts = [(g,) for g in single_genes] + [tuple(combos[i]) for i in use]
     combo_deltas = np.asarray(combo_deltas, np.float64)
     deltas = np.concatenate([np.asarray(single_deltas, np.float64).reshape(len(single_genes), combo_deltas.shape[1]),
                              combo_deltas[use]])
-    return fit_linear(perts, deltas, np.zeros(deltas.shape[1]), symbols,
-                      embedding="both" if symbols else "training")
+    fit = fit_linear(perts, deltas, np.zeros(deltas.shape[1]), symbols,
+                     embedding="both" if symbols else "training")
+    column = {g: j for j, g in enumerate(symbols or ())}
+    own = np.array([column[g] for g in single_genes if g in column], dtype=np.int64)
+    if own.size:
+        rows = np.array([fit.vocab[g] for g in single_genes], dtype=np.int64)
+        fit.responses[np.ix_(rows, own)] = np.asarray(single_deltas, np.float64)[:, own]
+    return fit
 
 
 def _linear_cv_errors(combos, combo_deltas, tests, single_genes, single_deltas, symbols) -> np.ndarray:
