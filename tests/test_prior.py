@@ -436,6 +436,76 @@ def test_linear_responses_keep_the_targets_own_columns_additive():
     np.testing.assert_allclose((rows["N0"] + rows["N3"])[[0, 3]], pair[[0, 3]])
 
 
+def _gain_world(slope: float, seed: int = 0):
+    """Eight trained singles on the ring graph (linked pairs at Jaccard 0.5, 0.4, 0.2) and 20 of their pairs,
+    each pair's effect (g = 1 + slope J) x the sum of its singles, N0-N3's own columns 0-3 set additively; every
+    mean observed with noise of a known variance (the singles' noise is what biases an observed gain)."""
+    rng = np.random.default_rng(seed)
+    num_genes = 200
+    symbols = NODES[:4] + [f"x{j}" for j in range(num_genes - 4)]
+    g = _graph()
+    jac = {}
+    for a, b, w in zip(*g.edge_index, g.edge_weight):
+        if a != b:
+            jac[NODES[a], NODES[b]] = jac[NODES[b], NODES[a]] = max(float(w), jac.get((NODES[a], NODES[b]), 0.0))
+    truth = {n: rng.normal(size=num_genes) for n in NODES}
+    for j in range(4):
+        truth[NODES[j]][j] = 4.0
+    sd = 0.3
+    singles = {n: t + sd * rng.normal(size=num_genes) for n, t in truth.items()}
+    pairs = [(a, b) for i, a in enumerate(NODES) for b in NODES[i + 1:]][:20]
+    deltas = []
+    for a, b in pairs:
+        d = (1.0 + slope * jac.get((a, b), 0.0)) * (truth[a] + truth[b])
+        own = [NODES.index(x) for x in (a, b) if NODES.index(x) < 4]
+        d[own] = (truth[a] + truth[b])[own]
+        deltas.append(d + sd * rng.normal(size=num_genes))
+    noise = np.full(num_genes, sd ** 2)
+    names = list(singles)
+    mean = np.concatenate([np.stack(list(singles.values())), np.stack(deltas)]).mean(0)
+    kw = dict(k=3, tau=0.1, gene_symbols=symbols, single_noise=np.tile(noise, (len(names), 1)),
+              double_noise=np.tile(noise, (len(pairs), 1)), control_noise=np.zeros(num_genes))
+    return names, singles, pairs, np.stack(deltas), mean, jac, kw
+
+
+def test_pair_gains_follow_go_jaccard_and_stay_off_without_it():
+    names, singles, pairs, deltas, mean, jac, kw = _gain_world(slope=-1.6)
+    fit = fit_go_prior(_graph(), names, np.stack(list(singles.values())), mean, pairs, deltas, **kw)
+    assert fit.combo_source == "gain" and (fit.combo_index < 0).all()
+    assert -2.0 < fit.pair_gain < -1.2                       # noise-corrected: not pulled toward 0
+    prior = SetPrior(fit)
+    # N0+N1 (linked at 0.5): its singles scaled by 1 + b 0.5 outside the targets' own columns 0 and 1
+    got = prior(torch.tensor([[0, 1]]))[0].numpy()
+    s = singles["N0"] + singles["N1"]
+    want = (1.0 + fit.pair_gain * jac["N0", "N1"]) * s
+    want[[0, 1]] = s[[0, 1]]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # padding anywhere, pairs without a GO link (N0+N4), single genes and training (cross-fitted) pairs: unscaled
+    np.testing.assert_allclose(prior(torch.tensor([[-1, 1, 0]]))[0].numpy(), want, rtol=1e-4, atol=1e-4)
+    assert ("N0", "N4") not in jac
+    np.testing.assert_allclose(prior(torch.tensor([[0, 4]]))[0].numpy(), singles["N0"] + singles["N4"], atol=1e-4)
+    np.testing.assert_allclose(prior(torch.tensor([[0, -1]]))[0].numpy(), singles["N0"], atol=1e-5)
+    np.testing.assert_allclose(prior(torch.tensor([[0, 1]]), cross_fit=True)[0].numpy(), s, atol=1e-4)
+    # The same world with additive pairs, or without the noise variances: no gains.
+    names, singles, pairs, deltas, mean, _, kw = _gain_world(slope=0.0)
+    null = fit_go_prior(_graph(), names, np.stack(list(singles.values())), mean, pairs, deltas, **kw)
+    assert null.combo_source != "gain" and null.pair_gain is None
+    for key in ("single_noise", "double_noise", "control_noise"):
+        kw.pop(key)
+    names, singles, pairs, deltas, mean, _, _ = _gain_world(slope=-1.6)
+    plain = fit_go_prior(_graph(), names, np.stack(list(singles.values())), mean, pairs, deltas, **kw)
+    assert plain.pair_gain is None
+    # A saved model reloads them; one saved before they existed reloads without them.
+    state = {f"prior.{k}": v for k, v in prior.state_dict().items()}
+    again = SetPrior.from_state_dict(dict(state))
+    again.load_state_dict({k[len("prior."):]: v for k, v in state.items()})
+    torch.testing.assert_close(again(torch.tensor([[0, 1]])), prior(torch.tensor([[0, 1]])))
+    old = {k: v for k, v in state.items() if not k.startswith("prior.pair_")}
+    older = SetPrior.from_state_dict(old)
+    older.load_state_dict({k[len("prior."):]: v for k, v in old.items()})
+    np.testing.assert_allclose(older(torch.tensor([[0, 1]]))[0].numpy(), s, atol=1e-4)
+
+
 @pytest.mark.parametrize("num_pairs", [1, 2])
 def test_prior_fits_with_as_few_as_one_training_pair(num_pairs):
     """Held out, a screen's only training pair leaves the linear model no combination to fit: it must still fit

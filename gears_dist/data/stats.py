@@ -197,3 +197,13 @@ def write_stats(root: zarr.Group, *, num_top_de: int = 20, memory_budget_mb: int
         finish(int(np.searchsorted(stop, row_end, side="right")))
     finish(num_conditions)
     writer.flush()
+
+
+def mean_noise(store, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The variance of the condition means of store rows `rows` (sorted) [R, G] and of the control mean [G]:
+    each condition's cell variance (stats/var, ddof 1) over its cells (a store has one control condition)."""
+    cells = np.maximum(store.array("conditions/num_cells").astype(np.float64), 1.0)
+    control = np.array([i for i, g in enumerate(store.condition_genes()) if len(g) == 0][:1], dtype=np.int64)
+    noise = store.read("stats/var", rows, orthogonal=True).astype(np.float64) / cells[rows][:, None]
+    control_var = store.read("stats/var", control, orthogonal=True).astype(np.float64)[0]
+    return noise, control_var / cells[control[0]]

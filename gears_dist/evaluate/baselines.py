@@ -49,6 +49,10 @@ class TrainingProfiles:
     means: np.ndarray              # [T, G]
     control_mean: np.ndarray       # [G]
     gene_symbols: list[str]        # [G] measured genes
+    # [T, G] / [G] the variance of each training mean and of the control mean (cell variance / cells); None when
+    # not known (the go_prior then fits no pair gains)
+    noise: np.ndarray | None = None
+    control_noise: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.means = np.asarray(self.means, dtype=np.float64)
@@ -70,6 +74,7 @@ class TrainingProfiles:
 
 def training_profiles(store, train_names: Sequence[str]) -> TrainingProfiles:
     """Read the training conditions' means from a store (rows of stats/mean only)."""
+    from gears_dist.data.stats import mean_noise
     from gears_dist.evaluate.metrics import truth_from_store
 
     names = [n for n in train_names if n != "ctrl"]
@@ -84,8 +89,13 @@ def training_profiles(store, train_names: Sequence[str]) -> TrainingProfiles:
     perts = [p for p in perts if len(p) > 0]
     names = [n for n in names if len(table[n]) > 0]
     truth = truth_from_store(store, names)
+    index = {n: i for i, n in enumerate(store.condition_names)}
+    rows = np.array([index[n] for n in names], dtype=np.int64)
+    order = np.argsort(rows, kind="stable")  # zarr reads sorted selections fastest
+    noise = np.empty((len(rows), len(store.genes)))
+    noise[order], control_noise = mean_noise(store, rows[order])
     return TrainingProfiles(perts=perts, means=truth.mean, control_mean=truth.control_mean,
-                            gene_symbols=store.genes)
+                            gene_symbols=store.genes, noise=noise, control_noise=control_noise)
 
 
 class Baseline:
@@ -185,7 +195,10 @@ class GOPrior(Baseline):
         singles = [i for i, p in enumerate(train.perts) if len(p) == 1]
         doubles = [i for i, p in enumerate(train.perts) if len(p) >= 2]
         self.fit = fit_go_prior(go, [train.perts[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
-                                [train.perts[i] for i in doubles], deltas[doubles], gene_symbols=train.gene_symbols)
+                                [train.perts[i] for i in doubles], deltas[doubles], gene_symbols=train.gene_symbols,
+                                single_noise=None if train.noise is None else train.noise[singles],
+                                double_noise=None if train.noise is None else train.noise[doubles],
+                                control_noise=train.control_noise)
         self.node_index = {g: i for i, g in enumerate(go.nodes)}
         self.control = train.control_mean
 

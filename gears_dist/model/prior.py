@@ -21,6 +21,16 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
   - its response in the linear model of Ahlmann-Eltze et al. (model/linear.py), fitted to every training
     condition: singles denoised in a few principal directions, and the sub- or super-additivity that the
     training combinations show as a whole;
+- a pair of trained genes whose GO annotations overlap: gene pairs that share annotation often buffer each
+  other (Norman et al. 2019). Its genes' effects outside their own columns are scaled by g = 1 + b J (J: the
+  pair's Jaccard in the GO graph; g in [0, MAX_PAIR_GAIN]), b fitted on the training pairs of trained singles:
+  weighted least squares of each pair's observed gain less 1 on J, ridge-shrunk toward b = 0 (the additive
+  model) by a lambda chosen leave-one-out. A pair's observed gain <d_ab, s> / <s, s> (s = d_a + d_b) is biased
+  toward 0 by the noise of the observed singles (<s, s> counts their noise too), so it is corrected with the
+  noise of the condition means (cell variance / cells; errors in variables), and weighted by the singles'
+  signal (<s, s> less that noise). Without those variances, or where leave-one-out keeps b = 0, nothing
+  changes; where b is kept, sets of trained genes use the observed singles (the combination or linear rows
+  above model gene-level departures and would count the pairs' interactions twice);
 - otherwise: dev(p) = lambda_p (a_p - m), a_p the GO-similarity-weighted mean of the observed deltas of p's
   top-k GO neighbours among the training singles, shrunk by lambda_p = W_p / (W_p + tau) (W_p: their total
   Jaccard weight; no neighbour: dev 0). k and tau are fitted by leave-one-out over the training singles, and the
@@ -63,6 +73,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gears_dist.data.stats import mean_noise
 from gears_dist.model.linear import fit_linear, low_rank
 
 K_GRID = (5, 10, 20)
@@ -73,6 +84,11 @@ COMBO_GRID = (np.inf, 8.0, 4.0, 2.0, 1.0, 0.5)
 MAX_FIT_CONDITIONS = 1000
 # Bootstrap resamples of the training singles over which the choice of tau is averaged (module doc).
 NUM_TAU_BAGS = 200
+# Pair gains (module doc): the ridge penalties tried (relative to the mean pair weight; inf: b = 0), the fewest
+# training pairs of trained singles to fit b on, and the largest gain.
+GAIN_RIDGE_GRID = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, np.inf)
+MIN_GAIN_PAIRS = 4
+MAX_PAIR_GAIN = 3.0
 
 
 @dataclasses.dataclass
@@ -105,6 +121,11 @@ class PriorFit:
     taus: np.ndarray | None = None
     # [G] m_c, the mean delta of the training sets of two or more genes (None: no such set, m is used)
     combo_mean: np.ndarray | None = None
+    # pair gains (combo_source "gain"): b of g = 1 + b J, and each node's GO-linked nodes [P, K] (-1 padding)
+    # with their Jaccard weights, to look J up; None otherwise
+    pair_gain: float | None = None
+    pair_nodes: np.ndarray | None = None
+    pair_weight: np.ndarray | None = None
 
     def summary(self) -> str:
         lowrank = "exact" if self.basis is None else f"rank {self.basis.shape[0]}"
@@ -120,6 +141,8 @@ class PriorFit:
 
     def _combo_text(self) -> str:
         num = int((self.combo_index >= 0).sum())
+        if self.combo_source == "gain":
+            return f"pairs of trained genes scaled by 1 {self.pair_gain:+.2f} x GO Jaccard"
         if self.combo_source == "linear":
             return f"{num} genes use linear-model responses in sets of trained genes"
         return f"{num} combination deltas (w {self.combo_weight:g})"
@@ -188,14 +211,17 @@ def _table_estimate(index: np.ndarray, weight: np.ndarray, p: int, residuals: np
 def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mean_delta: np.ndarray,
                  doubles: Sequence[tuple[str, ...]] = (), double_deltas: np.ndarray | None = None,
                  max_exact_mb: float = 64.0, rank: int = 256, seed: int = 0, k: int | None = None,
-                 tau: float | None = None, gene_symbols: Sequence[str] | None = None) -> PriorFit:
+                 tau: float | None = None, gene_symbols: Sequence[str] | None = None,
+                 single_noise: np.ndarray | None = None, double_noise: np.ndarray | None = None,
+                 control_noise: np.ndarray | None = None) -> PriorFit:
     """Fit the prior from the training singles' and doubles' deltas (condition mean - control mean).
 
     go: the GO graph (GeneGraph: nodes, edge_index, edge_weight). single_genes [T] / single_deltas [T, G]: the
     training singles; mean_delta [G]: the train-mean delta; doubles / double_deltas: the training sets of two or
     more genes (beta from the pairs; derived genes from all). The training conditions only: nothing here may see validation or test conditions. k / tau: fixed
     values instead of the leave-one-out fit (both or neither). gene_symbols [G]: the expression columns' genes
-    (``node_column``; None: no node has a column)."""
+    (``node_column``; None: no node has a column). single_noise [T, G] / double_noise [D, G] / control_noise [G]:
+    the variance of each condition's mean (cell variance / cells), for the pair gains (all three or none)."""
     single_deltas = np.asarray(single_deltas, dtype=np.float64)
     mean_delta = np.asarray(mean_delta, dtype=np.float64)
     num_singles, num_genes = single_deltas.shape if single_deltas.ndim == 2 else (0, mean_delta.shape[0])
@@ -319,6 +345,7 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
             residuals = np.concatenate([residuals, np.stack(derived_rows)], axis=0)
 
     combo_index, combo_weight, combo_source = np.full(num_nodes, -1, dtype=np.int64), np.inf, "none"
+    pair_gain = pair_nodes = pair_weight = None
     if len(doubles) and double_deltas is not None:
         seen_delta = {g: single_deltas[keep[i]] for g, i in single_index.items()}
         seen_delta.update({g: mean_delta + derived_rows[j] for j, g in enumerate(sorted(sums))})
@@ -329,6 +356,18 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
         combo_rows, combo_weight, combo_source = _combination_deltas(
             doubles, double_deltas, seen_delta, set(single_index), rng,
             linear_data=(genes, single_deltas[keep], list(gene_symbols or ())) if exact else None)
+        if single_noise is not None and double_noise is not None and control_noise is not None:
+            pair_nodes, pair_weight = _go_pair_table(go)
+            columns = node_columns(go.nodes, gene_symbols)
+            slope = _fit_pair_gain(
+                doubles, double_deltas, np.asarray(double_noise, np.float64), np.asarray(control_noise, np.float64),
+                {g: single_deltas[keep[i]] for g, i in single_index.items()},
+                {g: np.asarray(single_noise[keep[i]], np.float64) for g, i in single_index.items()},
+                {g: int(columns[node_index[g]]) for g in single_index},
+                {(go.nodes[a], go.nodes[b]): float(w) for a in range(num_nodes)
+                 for b, w in zip(pair_nodes[a], pair_weight[a]) if b >= 0}, rng)
+            if slope != 0.0:
+                combo_rows, combo_weight, combo_source, pair_gain = {}, np.inf, "gain", slope
         for j, (g, row) in enumerate(combo_rows.items()):
             combo_index[node_index[g]] = residuals.shape[0] + j
         if combo_rows:
@@ -344,6 +383,8 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                     beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse), taus=taus,
                     combo_mean=(np.asarray(double_deltas, dtype=np.float64).mean(axis=0)
                                 if len(doubles) and double_deltas is not None else None),
+                    pair_gain=pair_gain, pair_nodes=pair_nodes if pair_gain is not None else None,
+                    pair_weight=pair_weight if pair_gain is not None else None,
                     node_column=node_columns(go.nodes, gene_symbols))
 
 
@@ -454,6 +495,73 @@ def _combination_deltas(combos: Sequence[tuple[str, ...]], combo_deltas: np.ndar
             w, "combination")
 
 
+def _go_pair_table(go) -> tuple[np.ndarray, np.ndarray]:
+    """[P, K] each GO node's linked nodes (both edge directions, no self; -1 padding) and their Jaccard."""
+    src, dst = (np.asarray(a, dtype=np.int64) for a in go.edge_index)
+    weight = np.asarray(go.edge_weight, dtype=np.float64)
+    keep = (src != dst) & (weight > 0)
+    a = np.concatenate([src[keep], dst[keep]])
+    b = np.concatenate([dst[keep], src[keep]])
+    w = np.concatenate([weight[keep], weight[keep]])
+    order = np.lexsort((-w, b, a))
+    a, b, w = a[order], b[order], w[order]
+    first = np.ones(a.size, dtype=bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    a, b, w = a[first], b[first], w[first]
+    counts = np.bincount(a, minlength=go.num_nodes)
+    nodes = np.full((go.num_nodes, int(counts.max()) if a.size else 0), -1, dtype=np.int64)
+    weights = np.zeros(nodes.shape, dtype=np.float32)
+    position = np.arange(a.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    nodes[a, position], weights[a, position] = b, w
+    return nodes, weights
+
+
+def _fit_pair_gain(combos, combo_deltas, combo_noise, control_noise, single_delta, single_noise, own_column,
+                   jaccard, rng) -> float:
+    """b of the pair gain g = 1 + b J (module doc), 0 where leave-one-out keeps the additive model.
+
+    combos / combo_deltas [D, G] / combo_noise [D, G]: the training sets; single_delta / single_noise: per
+    trained gene; own_column: its expression column (-1: none); jaccard: (gene, gene) -> GO-graph Jaccard of
+    linked pairs."""
+    pairs = [i for i, c in enumerate(combos) if len(c) == 2 and all(g in single_delta for g in c)]
+    if len(pairs) > MAX_FIT_CONDITIONS:
+        pairs = [pairs[i] for i in np.sort(rng.choice(len(pairs), MAX_FIT_CONDITIONS, replace=False))]
+    num_genes = combo_deltas.shape[1]
+    rows = []   # (J, observed gain - 1, weight, s.s, s.d, d.d) outside the own columns
+    for i in pairs:
+        a, b = combos[i]
+        outside = np.ones(num_genes, dtype=bool)
+        outside[[c for c in (own_column[a], own_column[b]) if c >= 0]] = False
+        s = (single_delta[a] + single_delta[b])[outside]
+        d = combo_deltas[i][outside]
+        # Errors in variables: s holds both singles' noise and twice the control's; d shares the control's.
+        noise_c = control_noise[outside].sum()
+        signal = s @ s - (single_noise[a] + single_noise[b])[outside].sum() - 4.0 * noise_c
+        if signal > 0:
+            rows.append((jaccard.get((a, b), 0.0), (d @ s - 2.0 * noise_c) / signal - 1.0, signal, s @ s, s @ d,
+                         d @ d))
+    if len(rows) < MIN_GAIN_PAIRS or not any(r[0] > 0 for r in rows):
+        return 0.0
+    j = np.array([r[0] for r in rows])
+    y = np.array([r[1] for r in rows])
+    w = np.array([r[2] for r in rows])
+
+    def slope(use: np.ndarray, ridge: float) -> float:
+        if np.isinf(ridge):
+            return 0.0
+        den = (w[use] * j[use] ** 2).sum() + ridge * w.mean()
+        return float((w[use] * j[use] * y[use]).sum() / den) if den > 0 else 0.0
+
+    errors = []
+    for ridge in GAIN_RIDGE_GRID:
+        err = 0.0
+        for k, (jk, _, _, ss, sd, dd) in enumerate(rows):
+            g = np.clip(1.0 + slope(np.arange(len(rows)) != k, ridge) * jk, 0.0, MAX_PAIR_GAIN)
+            err += g * g * ss - 2.0 * g * sd + dd     # |g s - d|^2 on the columns outside
+        errors.append(err)
+    return slope(np.ones(len(rows), dtype=bool), GAIN_RIDGE_GRID[int(np.argmin(errors))])
+
+
 # Held-out combinations for the linear candidate: leave-one-out up to this many, else this many folds.
 LINEAR_FOLDS = 10
 
@@ -511,12 +619,14 @@ def fit_from_store(store, train_conditions: Sequence[str], go, max_exact_mb: flo
     means = store.read("stats/mean", rows, orthogonal=True).astype(np.float64)
     control = store.array("stats/control_mean").astype(np.float64)
     deltas = means - control[None, :]
+    noise, control_noise = mean_noise(store, rows)
     genes = [tuple(table[store.condition_names[r]]) for r in rows]
     singles = [i for i, g in enumerate(genes) if len(g) == 1]
     combos = [i for i, g in enumerate(genes) if len(g) >= 2]
     return fit_go_prior(go, [genes[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
                         [genes[i] for i in combos], deltas[combos], max_exact_mb=max_exact_mb, rank=rank,
-                        gene_symbols=store.genes)
+                        gene_symbols=store.genes, single_noise=noise[singles], double_noise=noise[combos],
+                        control_noise=control_noise)
 
 
 class SetPrior(nn.Module):
@@ -546,10 +656,15 @@ class SetPrior(nn.Module):
                 "beta_unseen": torch.tensor(float(fit.beta_unseen)),
                 "node_column": torch.as_tensor(fit.node_column if fit.node_column is not None
                                                else np.full(len(fit.nodes), -1, dtype=np.int64)),
+                "pair_gain": torch.tensor([fit.pair_gain] if fit.pair_gain is not None else [], dtype=torch.float32),
+                "pair_nodes": torch.as_tensor(fit.pair_nodes if fit.pair_nodes is not None
+                                              else np.zeros((len(fit.nodes), 0), dtype=np.int64)),
+                "pair_weight": torch.as_tensor(fit.pair_weight if fit.pair_weight is not None
+                                               else np.zeros((len(fit.nodes), 0)), dtype=torch.float32),
             }
         elif shapes is not None:
             dtypes = {"eval_index": torch.long, "loo_index": torch.long, "seen": torch.bool, "derived": torch.bool,
-                      "combo_index": torch.long, "node_column": torch.long}
+                      "combo_index": torch.long, "node_column": torch.long, "pair_nodes": torch.long}
             tensors = {k: torch.zeros(s, dtype=dtypes.get(k, torch.float32)) for k, s in shapes.items()}
         else:
             raise ValueError("SetPrior: pass a PriorFit, or the buffer shapes of a saved one (from_state_dict)")
@@ -557,13 +672,14 @@ class SetPrior(nn.Module):
             self.register_buffer(name, t)
 
     BUFFERS = ("mean_delta", "combo_mean", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight",
-               "seen", "derived", "combo_index", "beta_unseen", "node_column")
+               "seen", "derived", "combo_index", "beta_unseen", "node_column", "pair_gain", "pair_nodes",
+               "pair_weight")
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "prior.") -> SetPrior:
         """An empty SetPrior shaped like the one saved in `state` (load_state_dict then fills it). A prior saved
-        before derived genes, combination deltas and the combination mean existed gets them empty (added to
-        `state`; the combination mean as m): it predicts as it did."""
+        before derived genes, combination deltas, the combination mean and pair gains existed gets them empty
+        (added to `state`; the combination mean as m): it predicts as it did."""
         if prefix + "mean_delta" in state:
             state.setdefault(prefix + "combo_mean", state[prefix + "mean_delta"].clone())
         if prefix + "seen" in state:
@@ -571,6 +687,9 @@ class SetPrior(nn.Module):
             state.setdefault(prefix + "derived", torch.zeros_like(seen))
             state.setdefault(prefix + "combo_index", torch.full(seen.shape, -1, dtype=torch.long))
             state.setdefault(prefix + "node_column", torch.full(seen.shape, -1, dtype=torch.long))
+            state.setdefault(prefix + "pair_gain", torch.zeros(0))
+            state.setdefault(prefix + "pair_nodes", torch.zeros(seen.shape[0], 0, dtype=torch.long))
+            state.setdefault(prefix + "pair_weight", torch.zeros(seen.shape[0], 0))
         missing = [b for b in cls.BUFFERS if prefix + b not in state]
         if missing:
             raise ValueError(f"saved weights lack the prior's {missing} (keys '{prefix}*'): the model was trained "
@@ -655,7 +774,25 @@ class SetPrior(nn.Module):
             use_combo_mean = ~anchored & (valid & self.derived[node]).any(1)
             mean = torch.where(use_combo_mean.unsqueeze(1), self.combo_mean.float(), mean)
         mean_part = (share.unsqueeze(1) * valid.to(dev.dtype)).unsqueeze(-1) * mean.unsqueeze(1)
-        return mean_part + beta.view(-1, 1, 1) * dev
+        parts = mean_part + beta.view(-1, 1, 1) * dev
+        if loo is None and self.pair_gain.numel():
+            parts = parts * self._pair_gains(perts).unsqueeze(1)
+        return parts
+
+    def _pair_gains(self, perts: Tensor) -> Tensor:
+        """[U, G] each set's pair gain outside its own columns, 1 elsewhere and for sets that are not pairs of
+        trained genes: g = 1 + b J, J the pair's GO-graph Jaccard (module doc)."""
+        num_genes = self.mean_delta.shape[0]
+        if perts.shape[1] < 2 or not self.pair_nodes.shape[1]:
+            return torch.ones(perts.shape[0], num_genes, device=perts.device)
+        valid = perts >= 0
+        pair = self.trained_sets(perts) & (valid.sum(1) == 2)
+        first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :2]   # the pair's two genes
+        a, b = perts.gather(1, first).clamp_min(0).unbind(1)
+        jaccard = torch.where(self.pair_nodes[a] == b.unsqueeze(1), self.pair_weight[a].float(), 0.0).amax(1)
+        gain = (1.0 + self.pair_gain[0] * jaccard).clamp(0.0, MAX_PAIR_GAIN)
+        scale = torch.where(pair, gain, torch.ones_like(gain)).unsqueeze(1)
+        return torch.where(self.own_columns(perts, num_genes), torch.ones_like(scale), scale)
 
     def forward(self, perts: Tensor, cross_fit: bool = False, as_unseen: Tensor | None = None) -> Tensor:
         return self.members(perts, cross_fit, as_unseen).sum(1)
