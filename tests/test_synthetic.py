@@ -280,7 +280,7 @@ def test_graded_interactions_are_a_smooth_function_of_go_and_effect_similarity()
 
 def test_random_interactions_are_the_unchanged_null():
     assert synthetic.ScreenSpec().interaction_structure == "random"
-    assert synthetic.PRESETS["demo"].interaction_structure == "graph"
+    assert synthetic.PRESETS["demo"].interaction_structure == "graded"
     model = synthetic.screen_model(TINY)
     # Pinned from before interaction_structure existed: the random structure did not change.
     assert model.truth["condition"] == ["ERLEC1+MARCHF6", "ERLEC1+RNF5", "ERLEC1+XKR9", "MARCHF6+TFEC", "GHR+RHBDD1",

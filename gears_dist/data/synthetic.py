@@ -208,7 +208,8 @@ PRESETS: dict[str, ScreenSpec] = {
     # Seconds: for tests.
     "tiny": ScreenSpec(num_cells=1500, num_genes=200, num_singles=12, num_doubles=8, block_cells=512),
     # The README demo trains on it in a few minutes on 2 cores.
-    "demo": ScreenSpec(num_cells=9000, num_genes=1000, num_singles=40, num_doubles=40, interaction_structure="graph"),
+    "demo": ScreenSpec(num_cells=9000, num_genes=1000, num_singles=40, num_doubles=40, interaction_structure="graded",
+                       related_pair_frac=0.5),
     # Norman et al. 2019 (GEARS' version): ~91k cells, 5,045 genes, 105 singles, 131 doubles, CRISPRa.
     "norman": ScreenSpec(num_cells=91000, num_genes=5045, num_singles=105, num_doubles=131,
                          control_frac=0.077, library_median=12000.0),
