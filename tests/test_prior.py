@@ -464,7 +464,7 @@ def _gain_world(slope: float, seed: int = 0):
     names = list(singles)
     mean = np.concatenate([np.stack(list(singles.values())), np.stack(deltas)]).mean(0)
     kw = dict(k=3, tau=0.1, gene_symbols=symbols, single_noise=np.tile(noise, (len(names), 1)),
-              double_noise=np.tile(noise, (len(pairs), 1)), control_noise=np.zeros(num_genes))
+              control_noise=np.zeros(num_genes))
     return names, singles, pairs, np.stack(deltas), mean, jac, kw
 
 
@@ -490,7 +490,7 @@ def test_pair_gains_follow_go_jaccard_and_stay_off_without_it():
     names, singles, pairs, deltas, mean, _, kw = _gain_world(slope=0.0)
     null = fit_go_prior(_graph(), names, np.stack(list(singles.values())), mean, pairs, deltas, **kw)
     assert null.combo_source != "gain" and null.pair_gain is None
-    for key in ("single_noise", "double_noise", "control_noise"):
+    for key in ("single_noise", "control_noise"):
         kw.pop(key)
     names, singles, pairs, deltas, mean, _, _ = _gain_world(slope=-1.6)
     plain = fit_go_prior(_graph(), names, np.stack(list(singles.values())), mean, pairs, deltas, **kw)

@@ -54,8 +54,7 @@ def build(scale: str, prior: str, batch: int, steps: int, dtype: str):
         # the noise of the means, so the fit also runs the pair gains (libraries from before them lack it)
         noise = {}
         if "single_noise" in inspect.signature(fit_go_prior).parameters:
-            noise = dict(single_noise=np.zeros(deltas.shape), double_noise=np.full(double_deltas.shape, 0.09),
-                         control_noise=np.zeros(num_genes))
+            noise = dict(single_noise=np.zeros(deltas.shape), control_noise=np.zeros(num_genes))
         t = time.perf_counter()
         fit = fit_go_prior(GeneGraph(nodes, go_i.numpy(), go_w.numpy()), singles, deltas, everything.mean(0),
                            doubles, double_deltas, **noise)

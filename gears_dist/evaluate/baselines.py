@@ -197,7 +197,6 @@ class GOPrior(Baseline):
         self.fit = fit_go_prior(go, [train.perts[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
                                 [train.perts[i] for i in doubles], deltas[doubles], gene_symbols=train.gene_symbols,
                                 single_noise=None if train.noise is None else train.noise[singles],
-                                double_noise=None if train.noise is None else train.noise[doubles],
                                 control_noise=train.control_noise)
         self.node_index = {g: i for i, g in enumerate(go.nodes)}
         self.control = train.control_mean

@@ -212,16 +212,16 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                  doubles: Sequence[tuple[str, ...]] = (), double_deltas: np.ndarray | None = None,
                  max_exact_mb: float = 64.0, rank: int = 256, seed: int = 0, k: int | None = None,
                  tau: float | None = None, gene_symbols: Sequence[str] | None = None,
-                 single_noise: np.ndarray | None = None, double_noise: np.ndarray | None = None,
-                 control_noise: np.ndarray | None = None) -> PriorFit:
+                 single_noise: np.ndarray | None = None, control_noise: np.ndarray | None = None) -> PriorFit:
     """Fit the prior from the training singles' and doubles' deltas (condition mean - control mean).
 
     go: the GO graph (GeneGraph: nodes, edge_index, edge_weight). single_genes [T] / single_deltas [T, G]: the
     training singles; mean_delta [G]: the train-mean delta; doubles / double_deltas: the training sets of two or
     more genes (beta from the pairs; derived genes from all). The training conditions only: nothing here may see validation or test conditions. k / tau: fixed
     values instead of the leave-one-out fit (both or neither). gene_symbols [G]: the expression columns' genes
-    (``node_column``; None: no node has a column). single_noise [T, G] / double_noise [D, G] / control_noise [G]:
-    the variance of each condition's mean (cell variance / cells), for the pair gains (all three or none)."""
+    (``node_column``; None: no node has a column). single_noise [T, G] / control_noise [G]: the variance of
+    each training single's mean and of the control mean (cell variance / cells), for the pair gains (both or
+    none; a combination's own noise does not bias its observed gain)."""
     single_deltas = np.asarray(single_deltas, dtype=np.float64)
     mean_delta = np.asarray(mean_delta, dtype=np.float64)
     num_singles, num_genes = single_deltas.shape if single_deltas.ndim == 2 else (0, mean_delta.shape[0])
@@ -356,16 +356,15 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
         combo_rows, combo_weight, combo_source = _combination_deltas(
             doubles, double_deltas, seen_delta, set(single_index), rng,
             linear_data=(genes, single_deltas[keep], list(gene_symbols or ())) if exact else None)
-        if single_noise is not None and double_noise is not None and control_noise is not None:
+        if single_noise is not None and control_noise is not None:
             pair_nodes, pair_weight = _go_pair_table(go)
             columns = node_columns(go.nodes, gene_symbols)
             slope = _fit_pair_gain(
-                doubles, double_deltas, np.asarray(double_noise, np.float64), np.asarray(control_noise, np.float64),
+                doubles, double_deltas, np.asarray(control_noise, np.float64),
                 {g: single_deltas[keep[i]] for g, i in single_index.items()},
                 {g: np.asarray(single_noise[keep[i]], np.float64) for g, i in single_index.items()},
                 {g: int(columns[node_index[g]]) for g in single_index},
-                {(go.nodes[a], go.nodes[b]): float(w) for a in range(num_nodes)
-                 for b, w in zip(pair_nodes[a], pair_weight[a]) if b >= 0}, rng)
+                lambda a, b: _pair_jaccard(pair_nodes, pair_weight, node_index[a], node_index[b]), rng)
             if slope != 0.0:
                 combo_rows, combo_weight, combo_source, pair_gain = {}, np.inf, "gain", slope
         for j, (g, row) in enumerate(combo_rows.items()):
@@ -516,13 +515,18 @@ def _go_pair_table(go) -> tuple[np.ndarray, np.ndarray]:
     return nodes, weights
 
 
-def _fit_pair_gain(combos, combo_deltas, combo_noise, control_noise, single_delta, single_noise, own_column,
-                   jaccard, rng) -> float:
+def _pair_jaccard(pair_nodes: np.ndarray, pair_weight: np.ndarray, a: int, b: int) -> float:
+    """The GO-graph Jaccard of nodes a and b (0 when not linked), from _go_pair_table's arrays."""
+    hit = pair_nodes[a] == b
+    return float(pair_weight[a][hit].max()) if hit.any() else 0.0
+
+
+def _fit_pair_gain(combos, combo_deltas, control_noise, single_delta, single_noise, own_column, jaccard, rng
+                   ) -> float:
     """b of the pair gain g = 1 + b J (module doc), 0 where leave-one-out keeps the additive model.
 
-    combos / combo_deltas [D, G] / combo_noise [D, G]: the training sets; single_delta / single_noise: per
-    trained gene; own_column: its expression column (-1: none); jaccard: (gene, gene) -> GO-graph Jaccard of
-    linked pairs."""
+    combos / combo_deltas [D, G]: the training sets; control_noise [G]; single_delta / single_noise: per
+    trained gene; own_column: its expression column (-1: none); jaccard(gene, gene): their GO-graph Jaccard."""
     pairs = [i for i, c in enumerate(combos) if len(c) == 2 and all(g in single_delta for g in c)]
     if len(pairs) > MAX_FIT_CONDITIONS:
         pairs = [pairs[i] for i in np.sort(rng.choice(len(pairs), MAX_FIT_CONDITIONS, replace=False))]
@@ -538,7 +542,7 @@ def _fit_pair_gain(combos, combo_deltas, combo_noise, control_noise, single_delt
         noise_c = control_noise[outside].sum()
         signal = s @ s - (single_noise[a] + single_noise[b])[outside].sum() - 4.0 * noise_c
         if signal > 0:
-            rows.append((jaccard.get((a, b), 0.0), (d @ s - 2.0 * noise_c) / signal - 1.0, signal, s @ s, s @ d,
+            rows.append((jaccard(a, b), (d @ s - 2.0 * noise_c) / signal - 1.0, signal, s @ s, s @ d,
                          d @ d))
     if len(rows) < MIN_GAIN_PAIRS or not any(r[0] > 0 for r in rows):
         return 0.0
@@ -625,8 +629,7 @@ def fit_from_store(store, train_conditions: Sequence[str], go, max_exact_mb: flo
     combos = [i for i, g in enumerate(genes) if len(g) >= 2]
     return fit_go_prior(go, [genes[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
                         [genes[i] for i in combos], deltas[combos], max_exact_mb=max_exact_mb, rank=rank,
-                        gene_symbols=store.genes, single_noise=noise[singles], double_noise=noise[combos],
-                        control_noise=control_noise)
+                        gene_symbols=store.genes, single_noise=noise[singles], control_noise=control_noise)
 
 
 class SetPrior(nn.Module):
