@@ -30,7 +30,8 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
   noise of the condition means (cell variance / cells; errors in variables), and weighted by the singles'
   signal (<s, s> less that noise). Without those variances, or where leave-one-out keeps b = 0, nothing
   changes; where b is kept, sets of trained genes use the observed singles (the combination or linear rows
-  above model gene-level departures and would count the pairs' interactions twice);
+  above model gene-level departures and would count the pairs' interactions twice). Outside training only,
+  like those rows (cross-fitting gives a training pair the sum of its singles);
 - otherwise: dev(p) = lambda_p (a_p - m), a_p the GO-similarity-weighted mean of the observed deltas of p's
   top-k GO neighbours among the training singles, shrunk by lambda_p = W_p / (W_p + tau) (W_p: their total
   Jaccard weight; no neighbour: dev 0). k and tau are fitted by leave-one-out over the training singles, and the
@@ -789,7 +790,9 @@ class SetPrior(nn.Module):
         if perts.shape[1] < 2 or not self.pair_nodes.shape[1]:
             return torch.ones(perts.shape[0], num_genes, device=perts.device)
         valid = perts >= 0
-        pair = self.trained_sets(perts) & (valid.sum(1) == 2)
+        node = perts.clamp_min(0)
+        trained = self.seen[node] & ~self.derived[node]           # the fit saw pairs of trained singles only
+        pair = (valid.sum(1) == 2) & (trained | ~valid).all(1)
         first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :2]   # the pair's two genes
         a, b = perts.gather(1, first).clamp_min(0).unbind(1)
         jaccard = torch.where(self.pair_nodes[a] == b.unsqueeze(1), self.pair_weight[a].float(), 0.0).amax(1)
