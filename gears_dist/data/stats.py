@@ -199,11 +199,19 @@ def write_stats(root: zarr.Group, *, num_top_de: int = 20, memory_budget_mb: int
     writer.flush()
 
 
-def mean_noise(store, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The variance of the condition means of store rows `rows` (sorted) [R, G] and of the control mean [G]:
-    each condition's cell variance (stats/var, ddof 1) over its cells (a store has one control condition)."""
+def condition_means(store, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The means [R, G] of store rows `rows` (any order) and each mean's variance (the cells' variance, ddof 1,
+    over their number), then the same two [G] for the control (a store has one control condition): rows of
+    stats/, never the cells."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")  # zarr reads sorted selections fastest
     cells = np.maximum(store.array("conditions/num_cells").astype(np.float64), 1.0)
+    means = np.zeros((rows.size, len(store.genes)))
+    noise = np.zeros_like(means)
+    if rows.size:
+        means[order] = store.read("stats/mean", rows[order], orthogonal=True)
+        noise[order] = store.read("stats/var", rows[order], orthogonal=True) / cells[rows[order]][:, None]
     control = np.array([i for i, g in enumerate(store.condition_genes()) if len(g) == 0][:1], dtype=np.int64)
-    noise = store.read("stats/var", rows, orthogonal=True).astype(np.float64) / cells[rows][:, None]
     control_var = store.read("stats/var", control, orthogonal=True).astype(np.float64)[0]
-    return noise, control_var / cells[control[0]]
+    control_mean = store.array("stats/control_mean").astype(np.float64)
+    return means, noise, control_mean, control_var / cells[control[0]]

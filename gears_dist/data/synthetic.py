@@ -524,16 +524,14 @@ def _doubles(spec: ScreenSpec, go: dict[str, frozenset[int]], perturbed: list[st
     num_inter = round(spec.interaction_frac * spec.num_doubles)
     kinds = np.array(["additive"] * spec.num_doubles, dtype=object)
     stronger_a = graded = None
-    if spec.interaction_structure == "graded":
-        first = np.array([i for i, _ in pairs], dtype=np.int64)
-        second = np.array([j for _, j in pairs], dtype=np.int64)
-        cosine, _, _ = _pair_effect_stats(downstream, first, second)
-        graded = _graded_gains(_pair_go_jaccard(go, perturbed, first, second), cosine, rng)
-        kinds = np.where(graded < 0.8, "suppression", np.where(graded > 1.2, "synergy", "additive")).astype(object)
-    elif spec.interaction_structure == "graph":
+    if spec.interaction_structure in ("graph", "graded"):
         first = np.array([i for i, _ in pairs], dtype=np.int64)
         second = np.array([j for _, j in pairs], dtype=np.int64)
         cosine, norm_i, norm_j = _pair_effect_stats(downstream, first, second)
+    if spec.interaction_structure == "graded":
+        graded = _graded_gains(_pair_go_jaccard(go, perturbed, first, second), cosine, rng)
+        kinds = np.where(graded < 0.8, "suppression", np.where(graded > 1.2, "synergy", "additive")).astype(object)
+    elif spec.interaction_structure == "graph":
         kinds = _graph_interactions(spec, num_inter, _pair_go_jaccard(go, perturbed, first, second), cosine, rng)
         # An epistatic pair follows its stronger single (predictable from the singles, unlike a coin
         # flip); the truth names a pair's genes in symbol order, so orient the comparison that way.

@@ -73,9 +73,8 @@ class TrainingProfiles:
 
 
 def training_profiles(store, train_names: Sequence[str]) -> TrainingProfiles:
-    """Read the training conditions' means from a store (rows of stats/mean only)."""
-    from gears_dist.data.stats import mean_noise
-    from gears_dist.evaluate.metrics import truth_from_store
+    """Read the training conditions' means, and their variances, from a store (rows of stats/ only)."""
+    from gears_dist.data.stats import condition_means
 
     names = [n for n in train_names if n != "ctrl"]
     table = dict(zip(store.condition_names, store.condition_genes()))
@@ -88,14 +87,10 @@ def training_profiles(store, train_names: Sequence[str]) -> TrainingProfiles:
         raise ValueError(f"store {str(store.path)!r} has no control condition; baselines need the control mean")
     perts = [p for p in perts if len(p) > 0]
     names = [n for n in names if len(table[n]) > 0]
-    truth = truth_from_store(store, names)
     index = {n: i for i, n in enumerate(store.condition_names)}
-    rows = np.array([index[n] for n in names], dtype=np.int64)
-    order = np.argsort(rows, kind="stable")  # zarr reads sorted selections fastest
-    noise = np.empty((len(rows), len(store.genes)))
-    noise[order], control_noise = mean_noise(store, rows[order])
-    return TrainingProfiles(perts=perts, means=truth.mean, control_mean=truth.control_mean,
-                            gene_symbols=store.genes, noise=noise, control_noise=control_noise)
+    means, noise, control_mean, control_noise = condition_means(store, [index[n] for n in names])
+    return TrainingProfiles(perts=perts, means=means, control_mean=control_mean, gene_symbols=store.genes,
+                            noise=noise, control_noise=control_noise)
 
 
 class Baseline:
@@ -187,17 +182,12 @@ class GOPrior(Baseline):
     name = "go_prior"
 
     def __init__(self, train: TrainingProfiles, go=None):
-        from gears_dist.model.prior import fit_go_prior
+        from gears_dist.model.prior import fit_from_means
 
         if go is None:
             raise ValueError("go_prior baseline: needs the GO graph (go=GeneGraph); evaluate_split loads the store's")
-        deltas = train.means - train.control_mean[None, :]
-        singles = [i for i, p in enumerate(train.perts) if len(p) == 1]
-        doubles = [i for i, p in enumerate(train.perts) if len(p) >= 2]
-        self.fit = fit_go_prior(go, [train.perts[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
-                                [train.perts[i] for i in doubles], deltas[doubles], gene_symbols=train.gene_symbols,
-                                single_noise=None if train.noise is None else train.noise[singles],
-                                control_noise=train.control_noise)
+        self.fit = fit_from_means(go, train.perts, train.means - train.control_mean[None, :], train.gene_symbols,
+                                  noise=train.noise, control_noise=train.control_noise)
         self.node_index = {g: i for i, g in enumerate(go.nodes)}
         self.control = train.control_mean
 

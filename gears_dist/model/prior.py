@@ -74,7 +74,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gears_dist.data.stats import mean_noise
+from gears_dist.data.stats import condition_means
 from gears_dist.model.linear import fit_linear, low_rank
 
 K_GRID = (5, 10, 20)
@@ -621,16 +621,24 @@ def fit_from_store(store, train_conditions: Sequence[str], go, max_exact_mb: flo
                          "perturbations (use a split with training singles)")
     index = {n: i for i, n in enumerate(store.condition_names)}
     rows = np.array(sorted(index[n] for n in perturbed), dtype=np.int64)
-    means = store.read("stats/mean", rows, orthogonal=True).astype(np.float64)
-    control = store.array("stats/control_mean").astype(np.float64)
-    deltas = means - control[None, :]
-    noise, control_noise = mean_noise(store, rows)
-    genes = [tuple(table[store.condition_names[r]]) for r in rows]
-    singles = [i for i, g in enumerate(genes) if len(g) == 1]
-    combos = [i for i, g in enumerate(genes) if len(g) >= 2]
-    return fit_go_prior(go, [genes[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
-                        [genes[i] for i in combos], deltas[combos], max_exact_mb=max_exact_mb, rank=rank,
-                        gene_symbols=store.genes, single_noise=noise[singles], control_noise=control_noise)
+    means, noise, control, control_noise = condition_means(store, rows)
+    return fit_from_means(go, [tuple(table[store.condition_names[r]]) for r in rows], means - control[None, :],
+                          store.genes, noise=noise, control_noise=control_noise, max_exact_mb=max_exact_mb,
+                          rank=rank)
+
+
+def fit_from_means(go, perts: Sequence[tuple[str, ...]], deltas: np.ndarray, gene_symbols: Sequence[str],
+                   noise: np.ndarray | None = None, control_noise: np.ndarray | None = None,
+                   max_exact_mb: float = 64.0, rank: int = 256) -> PriorFit:
+    """The prior from the training conditions' deltas [T, G] (perturbed ones only: `perts` their gene sets),
+    with each mean's variance [T, G] and the control's [G] where known (pair gains need them): the one way both
+    the model and the go_prior baseline fit it."""
+    singles = [i for i, p in enumerate(perts) if len(p) == 1]
+    combos = [i for i, p in enumerate(perts) if len(p) >= 2]
+    return fit_go_prior(go, [perts[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
+                        [perts[i] for i in combos], deltas[combos], max_exact_mb=max_exact_mb, rank=rank,
+                        gene_symbols=gene_symbols, single_noise=None if noise is None else noise[singles],
+                        control_noise=control_noise)
 
 
 class SetPrior(nn.Module):
@@ -780,18 +788,17 @@ class SetPrior(nn.Module):
         mean_part = (share.unsqueeze(1) * valid.to(dev.dtype)).unsqueeze(-1) * mean.unsqueeze(1)
         parts = mean_part + beta.view(-1, 1, 1) * dev
         if loo is None and self.pair_gain.numel():
-            parts = parts * self._pair_gains(perts).unsqueeze(1)
+            parts = parts * self._pair_gains(perts, trained).unsqueeze(1)
         return parts
 
-    def _pair_gains(self, perts: Tensor) -> Tensor:
+    def _pair_gains(self, perts: Tensor, trained: Tensor) -> Tensor:
         """[U, G] each set's pair gain outside its own columns, 1 elsewhere and for sets that are not pairs of
-        trained genes: g = 1 + b J, J the pair's GO-graph Jaccard (module doc)."""
+        trained genes (`trained` [U, K]: members' gene whose single was trained; the fit saw only such pairs):
+        g = 1 + b J, J the pair's GO-graph Jaccard (module doc)."""
         num_genes = self.mean_delta.shape[0]
         if perts.shape[1] < 2 or not self.pair_nodes.shape[1]:
             return torch.ones(perts.shape[0], num_genes, device=perts.device)
         valid = perts >= 0
-        node = perts.clamp_min(0)
-        trained = self.seen[node] & ~self.derived[node]           # the fit saw pairs of trained singles only
         pair = (valid.sum(1) == 2) & (trained | ~valid).all(1)
         first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :2]   # the pair's two genes
         a, b = perts.gather(1, first).clamp_min(0).unbind(1)
