@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -436,18 +438,22 @@ def test_linear_responses_keep_the_targets_own_columns_additive():
     np.testing.assert_allclose((rows["N0"] + rows["N3"])[[0, 3]], pair[[0, 3]])
 
 
-def _gain_world(slope: float, seed: int = 0):
+def _gain_world(slope: float, seed: int = 0, terms: list[frozenset] | None = None):
     """Eight trained singles on the ring graph (linked pairs at Jaccard 0.5, 0.4, 0.2) and 20 of their pairs,
     each pair's effect (g = 1 + slope J) x the sum of its singles, N0-N3's own columns 0-3 set additively; every
-    mean observed with noise of a known variance (the singles' noise is what biases an observed gain)."""
+    mean observed with noise of a known variance (the singles' noise is what biases an observed gain). With
+    `terms` (each node's GO terms), J is their Jaccard instead of the graph's edge weight."""
     rng = np.random.default_rng(seed)
     num_genes = 200
     symbols = NODES[:4] + [f"x{j}" for j in range(num_genes - 4)]
     g = _graph()
     jac = {}
     for a, b, w in zip(*g.edge_index, g.edge_weight):
-        if a != b:
+        if a != b and terms is None:
             jac[NODES[a], NODES[b]] = jac[NODES[b], NODES[a]] = max(float(w), jac.get((NODES[a], NODES[b]), 0.0))
+    for i, j in itertools.combinations(range(len(NODES)), 2):
+        if terms is not None and terms[i] & terms[j]:
+            jac[NODES[i], NODES[j]] = jac[NODES[j], NODES[i]] = len(terms[i] & terms[j]) / len(terms[i] | terms[j])
     truth = {n: rng.normal(size=num_genes) for n in NODES}
     for j in range(4):
         truth[NODES[j]][j] = 4.0
@@ -504,6 +510,94 @@ def test_pair_gains_follow_go_jaccard_and_stay_off_without_it():
     older = SetPrior.from_state_dict(old)
     older.load_state_dict({k[len("prior."):]: v for k, v in old.items()})
     np.testing.assert_allclose(older(torch.tensor([[0, 1]]))[0].numpy(), s, atol=1e-4)
+
+
+def test_pair_gains_use_the_go_terms_where_the_graph_keeps_too_few_edges():
+    """A gene's top-k graph edges miss pairs of one pathway (on the demo screen, most buffering pairs): with the
+    nodes' GO terms the gain follows the terms' Jaccard, also for a pair that is no edge of the graph."""
+    # N0 and N4 share two of four terms (Jaccard 0.5) but are not linked in the ring graph; N1 shares one with N0.
+    terms = [frozenset({"a", "b", "c"}), frozenset({"c", "z"}), frozenset({"d"}), frozenset({"e"}),
+             frozenset({"a", "b", "f"}), frozenset({"g"}), frozenset({"h"}), frozenset({"d", "i"})]
+    names, singles, pairs, deltas, mean, jac, kw = _gain_world(slope=-1.6, terms=terms)
+    assert ("N0", "N4") in jac and (0, 4) not in set(zip(*_graph().edge_index.tolist()))
+    fit = fit_go_prior(_graph(), names, np.stack(list(singles.values())), mean, pairs, deltas, pair_terms=terms,
+                       **kw)
+    assert fit.combo_source == "gain" and -2.0 < fit.pair_gain < -1.2
+    prior = SetPrior(fit)
+    s = singles["N0"] + singles["N4"]
+    want = (1.0 + fit.pair_gain * 0.5) * s
+    want[0] = s[0]                                           # N0's own column; N4 has none
+    np.testing.assert_allclose(prior(torch.tensor([[0, 4]]))[0].numpy(), want, rtol=1e-4, atol=1e-4)
+    # J is clamped to the largest J b was fitted on (N0+N4's 0.5), and pairs below the graph's own threshold
+    # are not linked: with a threshold of 0.3, N0+N1 (Jaccard 0.25) stays additive.
+    assert fit.pair_max_jaccard == pytest.approx(0.5)
+    graph = _graph()
+    graph.info["threshold"] = 0.3
+    strict = fit_go_prior(graph, names, np.stack(list(singles.values())), mean, pairs, deltas, pair_terms=terms,
+                          **kw)
+    assert strict.pair_gain is not None
+    np.testing.assert_allclose(SetPrior(strict)(torch.tensor([[0, 1]]))[0].numpy(), singles["N0"] + singles["N1"],
+                               atol=1e-4)
+    # A pair with one trained gene gets the same law: N7 untrained, N2+N7 share one of two terms (Jaccard 0.5).
+    keep = [i for i, n in enumerate(names) if n != "N7"]
+    pair_keep = [i for i, p in enumerate(pairs) if "N7" not in p]
+    half = fit_go_prior(_graph(), [names[i] for i in keep], np.stack([singles[names[i]] for i in keep]), mean,
+                        [pairs[i] for i in pair_keep], deltas[pair_keep], pair_terms=terms, **kw)
+    assert half.pair_gain is not None
+    gained, plain = SetPrior(half), SetPrior(half)
+    plain.pair_gain[0] = 0.0
+    base = plain(torch.tensor([[2, 7]]))[0].numpy()
+    want = (1.0 + half.pair_gain * min(0.5, half.pair_max_jaccard)) * base
+    want[2] = base[2]                                        # N2's own column
+    np.testing.assert_allclose(gained(torch.tensor([[2, 7]]))[0].numpy(), want, rtol=1e-4, atol=1e-4)
+    # A set of two untrained genes (N7 and, unfitted here, nothing else) or of three genes: no gain.
+    np.testing.assert_allclose(gained(torch.tensor([[7, -1]])).numpy(), plain(torch.tensor([[7, -1]])).numpy())
+    np.testing.assert_allclose(gained(torch.tensor([[0, 4, 2]])).numpy(), plain(torch.tensor([[0, 4, 2]])).numpy())
+    # The graph's edges alone miss it: a weak slope on the wrong pairs, and N0+N4 stays additive.
+    edges = fit_go_prior(_graph(), names, np.stack(list(singles.values())), mean, pairs, deltas, **kw)
+    assert edges.pair_gain is None or abs(edges.pair_gain) < 0.5
+    if edges.pair_gain is not None:
+        np.testing.assert_allclose(SetPrior(edges)(torch.tensor([[0, 4]]))[0].numpy(), s, atol=1e-4)
+
+
+def test_term_jaccard_matches_sets_for_any_pairs():
+    """The vectorized Jaccard of nodes' GO terms equals the set computation, for pairs in any order, repeated,
+    of a node with itself, and with nodes that have no terms."""
+    from gears_dist.model.prior import _set_jaccard, _term_table
+
+    rng = np.random.default_rng(3)
+    terms = [frozenset(rng.choice(30, size=rng.integers(0, 8), replace=False).tolist()) for _ in range(12)]
+    ptr, ids = _term_table(terms)
+    prior = SetPrior.__new__(SetPrior)
+    torch.nn.Module.__init__(prior)
+    prior.register_buffer("term_ptr", torch.as_tensor(ptr))
+    prior.register_buffer("term_ids", torch.as_tensor(ids))
+    a = torch.as_tensor(rng.integers(0, 12, size=200))
+    b = torch.as_tensor(rng.integers(0, 12, size=200))
+    got = prior._term_jaccard(a, b).numpy()
+    want = [_set_jaccard(terms[i], terms[j], 0.0) for i, j in zip(a.tolist(), b.tolist())]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_annotation_sets_are_the_terms_a_go_graph_was_built_from(tmp_path):
+    from gears_dist.data.genes import go_annotations
+    from gears_dist.graphs.config import GOGraphConfig
+    from gears_dist.graphs.go import annotation_sets, build_go_graph
+
+    genes = ["CEBPA", "CEBPB", "KLF1", "NOT_A_GENE"]
+    built = build_go_graph(genes, GOGraphConfig())
+    sets = annotation_sets(built)
+    assert [sets[built.nodes.index(g)] for g in genes] == [go_annotations().get(g, frozenset()) for g in genes]
+    assert sets[built.nodes.index("CEBPA")] and not sets[built.nodes.index("NOT_A_GENE")]
+    table = tmp_path / "terms.tsv"
+    table.write_text("CEBPA\tT1\nCEBPB\tT1\nCEBPB\tT2\n")
+    from_table = build_go_graph(genes, GOGraphConfig(source="table", path=str(table)))
+    assert annotation_sets(from_table)[from_table.nodes.index("CEBPB")] == frozenset({"T1", "T2"})
+    edges = tmp_path / "edges.tsv"
+    edges.write_text("CEBPA\tCEBPB\t0.5\n")
+    assert annotation_sets(build_go_graph(genes, GOGraphConfig(source="edgelist", path=str(edges)))) is None
+    table.unlink()                                   # moved since: the graph's edges serve instead
+    assert annotation_sets(from_table) is None
 
 
 @pytest.mark.parametrize("num_pairs", [1, 2])

@@ -121,6 +121,19 @@ def test_corrupted_or_missing_checkpoint_errors(full_run, tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "ck2") is None
 
 
+def test_resuming_a_run_directory_of_another_model_names_the_fix(full_run, tiny_train_store, tmp_path):
+    """A run directory reused with another config (here a wider model) would resume a checkpoint of other shapes:
+    the error names the checkpoint and what to do, not PyTorch's list of tensors; the checkpoint is untouched."""
+    run_dir, _ = full_run
+    reused = tmp_path / "reused"
+    shutil.copytree(run_dir, reused)
+    latest = ckpt.latest_checkpoint(reused / "checkpoints")
+    before = {p: p.read_bytes() for p in latest.rglob("*") if p.is_file()}
+    with pytest.raises(ckpt.CheckpointError, match="another shape.*new output directory"):
+        run_single(_cfg(model={"hidden_size": 24}), tiny_train_store["path"], reused)
+    assert {p: p.read_bytes() for p in latest.rglob("*") if p.is_file()} == before
+
+
 def test_unsafe_pickle_refused(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -140,6 +140,24 @@ def load_annotations(cfg: GOGraphConfig) -> dict[str, frozenset]:
     raise ValueError(f"graphs.go.source {cfg.source!r} has no annotations (an edge list is a graph)")
 
 
+def annotation_sets(graph: GeneGraph) -> list[frozenset] | None:
+    """Each node's GO terms, re-read from the annotations a GO graph was built from (its ``info``: source, path,
+    renames), or None where it records none: an edge list, a graph of another kind, or an annotation file that
+    is no longer there (a warning says so). The graph keeps each node's top-k neighbours only; exact Jaccards of
+    any two genes need the term sets themselves."""
+    info = getattr(graph, "info", None) or {}
+    if info.get("kind") != "go" or info.get("source") not in ("builtin", "gaf", "table"):
+        return None
+    try:
+        annotations = load_annotations(GOGraphConfig(source=info["source"], path=info.get("path")))
+    except OSError as err:
+        log.warning("GO graph: its annotations (%s) cannot be read again (%s); gene pairs use the graph's "
+                    "edges instead", info.get("path"), err)
+        return None
+    renamed = info.get("renamed") or {}
+    return [annotations.get(renamed.get(n, n), frozenset()) for n in graph.nodes]
+
+
 def incidence_matrix(term_sets: Sequence[Iterable]) -> sp.csr_matrix:
     """(n, T) 0/1 CSR matrix of gene x term membership (terms factorized in first-seen order)."""
     lens = np.array([len(t) for t in term_sets], dtype=np.int64)

@@ -22,8 +22,13 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
     condition: singles denoised in a few principal directions, and the sub- or super-additivity that the
     training combinations show as a whole;
 - a pair of trained genes whose GO annotations overlap: gene pairs that share annotation often buffer each
-  other (Norman et al. 2019). Its genes' effects outside their own columns are scaled by g = 1 + b J (J: the
-  pair's Jaccard in the GO graph; g in [0, MAX_PAIR_GAIN]), b fitted on the training pairs of trained singles:
+  other (Norman et al. 2019). Its genes' effects outside their own columns are scaled by g = 1 + b J, g in
+  [0, MAX_PAIR_GAIN]. J is the Jaccard of the two genes' GO terms where it is above the graph's threshold (the
+  graph's own notion of a link), re-read from the annotations the graph was built from: the graph keeps each
+  gene's top-20 neighbours among all genes, which misses most pairs of one pathway. The graph's edges serve
+  only where it records no annotations (an edge-list graph). J is clamped to the largest J of the pairs b was
+  fitted on: a line is not extrapolated to pairs more related than any it saw. b is fitted on the training
+  pairs of trained singles:
   weighted least squares of each pair's observed gain less 1 on J, ridge-shrunk toward b = 0 (the additive
   model) by a lambda chosen leave-one-out. A pair's observed gain <d_ab, s> / <s, s> (s = d_a + d_b) is biased
   toward 0 by the noise of the observed singles (<s, s> counts their noise too), so it is corrected with the
@@ -90,6 +95,8 @@ NUM_TAU_BAGS = 200
 GAIN_RIDGE_GRID = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, np.inf)
 MIN_GAIN_PAIRS = 4
 MAX_PAIR_GAIN = 3.0
+# Partners per trained single in the pair table built from GO terms (a genome screen's 10k singles: ~8 MB).
+MAX_PAIR_PARTNERS = 64
 
 
 @dataclasses.dataclass
@@ -125,6 +132,11 @@ class PriorFit:
     # pair gains (combo_source "gain"): b of g = 1 + b J, and each node's GO-linked nodes [P, K] (-1 padding)
     # with their Jaccard weights, to look J up; None otherwise
     pair_gain: float | None = None
+    pair_max_jaccard: float | None = None   # J is clamped to the largest J of the pairs b was fitted on
+    pair_threshold: float | None = None     # J at or below it counts as 0 (the graph's threshold)
+    # each node's GO terms (CSR: indptr [P + 1], ids [nnz]) for the exact pair Jaccard; None: pair_nodes instead
+    term_ptr: np.ndarray | None = None
+    term_ids: np.ndarray | None = None
     pair_nodes: np.ndarray | None = None
     pair_weight: np.ndarray | None = None
 
@@ -213,7 +225,8 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                  doubles: Sequence[tuple[str, ...]] = (), double_deltas: np.ndarray | None = None,
                  max_exact_mb: float = 64.0, rank: int = 256, seed: int = 0, k: int | None = None,
                  tau: float | None = None, gene_symbols: Sequence[str] | None = None,
-                 single_noise: np.ndarray | None = None, control_noise: np.ndarray | None = None) -> PriorFit:
+                 single_noise: np.ndarray | None = None, control_noise: np.ndarray | None = None,
+                 pair_terms: Sequence[frozenset] | None = None) -> PriorFit:
     """Fit the prior from the training singles' and doubles' deltas (condition mean - control mean).
 
     go: the GO graph (GeneGraph: nodes, edge_index, edge_weight). single_genes [T] / single_deltas [T, G]: the
@@ -222,7 +235,8 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
     values instead of the leave-one-out fit (both or neither). gene_symbols [G]: the expression columns' genes
     (``node_column``; None: no node has a column). single_noise [T, G] / control_noise [G]: the variance of
     each training single's mean and of the control mean (cell variance / cells), for the pair gains (both or
-    none; a combination's own noise does not bias its observed gain)."""
+    none; a combination's own noise does not bias its observed gain). pair_terms [P]: each node's GO terms, for
+    the pairs' Jaccard (None: the graph's edges; see _go_pair_table)."""
     single_deltas = np.asarray(single_deltas, dtype=np.float64)
     mean_delta = np.asarray(mean_delta, dtype=np.float64)
     num_singles, num_genes = single_deltas.shape if single_deltas.ndim == 2 else (0, mean_delta.shape[0])
@@ -346,7 +360,8 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
             residuals = np.concatenate([residuals, np.stack(derived_rows)], axis=0)
 
     combo_index, combo_weight, combo_source = np.full(num_nodes, -1, dtype=np.int64), np.inf, "none"
-    pair_gain = pair_nodes = pair_weight = None
+    pair_gain = pair_nodes = pair_weight = pair_max_jaccard = pair_threshold = None
+    pair_terms_csr = (None, None)
     if len(doubles) and double_deltas is not None:
         seen_delta = {g: single_deltas[keep[i]] for g, i in single_index.items()}
         seen_delta.update({g: mean_delta + derived_rows[j] for j, g in enumerate(sorted(sums))})
@@ -358,16 +373,29 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
             doubles, double_deltas, seen_delta, set(single_index), rng,
             linear_data=(genes, single_deltas[keep], list(gene_symbols or ())) if exact else None)
         if single_noise is not None and control_noise is not None:
-            pair_nodes, pair_weight = _go_pair_table(go)
+            if pair_terms is not None:
+                # the graph's own notion of a link (Jaccard above its threshold), without its per-gene top-k cut
+                threshold = float((getattr(go, "info", None) or {}).get("threshold", 0.0))
+                term_ptr, term_ids = _term_table(pair_terms)
+                pair_nodes, pair_weight = np.zeros((go.num_nodes, 0), np.int64), np.zeros((go.num_nodes, 0))
+
+                def jaccard(a: str, b: str) -> float:
+                    return _set_jaccard(pair_terms[node_index[a]], pair_terms[node_index[b]], threshold)
+            else:
+                threshold, term_ptr, term_ids = 0.0, None, None
+                pair_nodes, pair_weight = _go_pair_table(go)
+
+                def jaccard(a: str, b: str) -> float:
+                    return _pair_jaccard(pair_nodes, pair_weight, node_index[a], node_index[b])
             columns = node_columns(go.nodes, gene_symbols)
-            slope = _fit_pair_gain(
+            slope, max_jaccard = _fit_pair_gain(
                 doubles, double_deltas, np.asarray(control_noise, np.float64),
                 {g: single_deltas[keep[i]] for g, i in single_index.items()},
                 {g: np.asarray(single_noise[keep[i]], np.float64) for g, i in single_index.items()},
-                {g: int(columns[node_index[g]]) for g in single_index},
-                lambda a, b: _pair_jaccard(pair_nodes, pair_weight, node_index[a], node_index[b]), rng)
+                {g: int(columns[node_index[g]]) for g in single_index}, jaccard, rng)
             if slope != 0.0:
                 combo_rows, combo_weight, combo_source, pair_gain = {}, np.inf, "gain", slope
+                pair_max_jaccard, pair_threshold, pair_terms_csr = max_jaccard, threshold, (term_ptr, term_ids)
         for j, (g, row) in enumerate(combo_rows.items()):
             combo_index[node_index[g]] = residuals.shape[0] + j
         if combo_rows:
@@ -383,7 +411,9 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                     beta_unseen=beta, k=k, tau=float(tau), loo_mse=float(loo_mse), taus=taus,
                     combo_mean=(np.asarray(double_deltas, dtype=np.float64).mean(axis=0)
                                 if len(doubles) and double_deltas is not None else None),
-                    pair_gain=pair_gain, pair_nodes=pair_nodes if pair_gain is not None else None,
+                    pair_gain=pair_gain, pair_max_jaccard=pair_max_jaccard, pair_threshold=pair_threshold,
+                    term_ptr=pair_terms_csr[0], term_ids=pair_terms_csr[1],
+                    pair_nodes=pair_nodes if pair_gain is not None else None,
                     pair_weight=pair_weight if pair_gain is not None else None,
                     node_column=node_columns(go.nodes, gene_symbols))
 
@@ -496,9 +526,30 @@ def _combination_deltas(combos: Sequence[tuple[str, ...]], combo_deltas: np.ndar
 
 
 def _go_pair_table(go) -> tuple[np.ndarray, np.ndarray]:
-    """[P, K] each GO node's linked nodes (both edge directions, no self; -1 padding) and their Jaccard."""
+    """[P, K] each GO node's linked nodes (both edge directions, no self; -1 padding) and their Jaccard: the pair
+    Jaccard where the graph records no GO terms (an edge-list graph)."""
     src, dst = (np.asarray(a, dtype=np.int64) for a in go.edge_index)
-    weight = np.asarray(go.edge_weight, dtype=np.float64)
+    return _pair_table(src, dst, np.asarray(go.edge_weight, dtype=np.float64), go.num_nodes)
+
+
+def _term_table(term_sets: Sequence[frozenset]) -> tuple[np.ndarray, np.ndarray]:
+    """Each node's GO terms as CSR arrays (indptr [P + 1], term ids [nnz], sorted within a node), for the exact
+    Jaccard of any pair (SetPrior._term_jaccard): a few MB for a genome, where a table of every gene's partners
+    above the graph's threshold would not fit."""
+    codes: dict = {}
+    rows = [sorted({codes.setdefault(t, len(codes)) for t in terms}) for terms in term_sets]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return indptr, np.array([t for r in rows for t in r], dtype=np.int64)
+
+
+def _set_jaccard(a: frozenset, b: frozenset, threshold: float) -> float:
+    union = len(a | b)
+    j = len(a & b) / union if union else 0.0
+    return j if j > threshold else 0.0
+
+
+def _pair_table(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, num_nodes: int
+                ) -> tuple[np.ndarray, np.ndarray]:
     keep = (src != dst) & (weight > 0)
     a = np.concatenate([src[keep], dst[keep]])
     b = np.concatenate([dst[keep], src[keep]])
@@ -508,8 +559,8 @@ def _go_pair_table(go) -> tuple[np.ndarray, np.ndarray]:
     first = np.ones(a.size, dtype=bool)
     first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
     a, b, w = a[first], b[first], w[first]
-    counts = np.bincount(a, minlength=go.num_nodes)
-    nodes = np.full((go.num_nodes, int(counts.max()) if a.size else 0), -1, dtype=np.int64)
+    counts = np.bincount(a, minlength=num_nodes)
+    nodes = np.full((num_nodes, int(counts.max()) if a.size else 0), -1, dtype=np.int64)
     weights = np.zeros(nodes.shape, dtype=np.float32)
     position = np.arange(a.size) - np.repeat(np.cumsum(counts) - counts, counts)
     nodes[a, position], weights[a, position] = b, w
@@ -524,7 +575,8 @@ def _pair_jaccard(pair_nodes: np.ndarray, pair_weight: np.ndarray, a: int, b: in
 
 def _fit_pair_gain(combos, combo_deltas, control_noise, single_delta, single_noise, own_column, jaccard, rng
                    ) -> float:
-    """b of the pair gain g = 1 + b J (module doc), 0 where leave-one-out keeps the additive model.
+    """(b, J_max) of the pair gain g = 1 + b min(J, J_max) (module doc): b is 0 where leave-one-out keeps the
+    additive model; J_max is the largest J of the pairs b was fitted on (a line is not extrapolated).
 
     combos / combo_deltas [D, G]: the training sets; control_noise [G]; single_delta / single_noise: per
     trained gene; own_column: its expression column (-1: none); jaccard(gene, gene): their GO-graph Jaccard."""
@@ -546,7 +598,7 @@ def _fit_pair_gain(combos, combo_deltas, control_noise, single_delta, single_noi
             rows.append((jaccard(a, b), (d @ s - 2.0 * noise_c) / signal - 1.0, signal, s @ s, s @ d,
                          d @ d))
     if len(rows) < MIN_GAIN_PAIRS or not any(r[0] > 0 for r in rows):
-        return 0.0
+        return 0.0, 0.0
     j = np.array([r[0] for r in rows])
     y = np.array([r[1] for r in rows])
     w = np.array([r[2] for r in rows])
@@ -561,10 +613,11 @@ def _fit_pair_gain(combos, combo_deltas, control_noise, single_delta, single_noi
     for ridge in GAIN_RIDGE_GRID:
         err = 0.0
         for k, (jk, _, _, ss, sd, dd) in enumerate(rows):
-            g = np.clip(1.0 + slope(np.arange(len(rows)) != k, ridge) * jk, 0.0, MAX_PAIR_GAIN)
+            others = np.arange(len(rows)) != k
+            g = np.clip(1.0 + slope(others, ridge) * min(jk, j[others].max()), 0.0, MAX_PAIR_GAIN)
             err += g * g * ss - 2.0 * g * sd + dd     # |g s - d|^2 on the columns outside
         errors.append(err)
-    return slope(np.ones(len(rows), dtype=bool), GAIN_RIDGE_GRID[int(np.argmin(errors))])
+    return slope(np.ones(len(rows), dtype=bool), GAIN_RIDGE_GRID[int(np.argmin(errors))]), float(j.max())
 
 
 # Held-out combinations for the linear candidate: leave-one-out up to this many, else this many folds.
@@ -632,13 +685,17 @@ def fit_from_means(go, perts: Sequence[tuple[str, ...]], deltas: np.ndarray, gen
                    max_exact_mb: float = 64.0, rank: int = 256) -> PriorFit:
     """The prior from the training conditions' deltas [T, G] (perturbed ones only: `perts` their gene sets),
     with each mean's variance [T, G] and the control's [G] where known (pair gains need them): the one way both
-    the model and the go_prior baseline fit it."""
+    the model and the go_prior baseline fit it. Pair gains use the GO terms the graph was built from, where it
+    records them."""
+    from gears_dist.graphs.go import annotation_sets
+
     singles = [i for i, p in enumerate(perts) if len(p) == 1]
     combos = [i for i, p in enumerate(perts) if len(p) >= 2]
     return fit_go_prior(go, [perts[i][0] for i in singles], deltas[singles], deltas.mean(axis=0),
                         [perts[i] for i in combos], deltas[combos], max_exact_mb=max_exact_mb, rank=rank,
                         gene_symbols=gene_symbols, single_noise=None if noise is None else noise[singles],
-                        control_noise=control_noise)
+                        control_noise=control_noise,
+                        pair_terms=annotation_sets(go) if noise is not None and combos else None)
 
 
 class SetPrior(nn.Module):
@@ -668,7 +725,12 @@ class SetPrior(nn.Module):
                 "beta_unseen": torch.tensor(float(fit.beta_unseen)),
                 "node_column": torch.as_tensor(fit.node_column if fit.node_column is not None
                                                else np.full(len(fit.nodes), -1, dtype=np.int64)),
-                "pair_gain": torch.tensor([fit.pair_gain] if fit.pair_gain is not None else [], dtype=torch.float32),
+                "pair_gain": torch.tensor([fit.pair_gain, fit.pair_max_jaccard, fit.pair_threshold or 0.0]
+                                          if fit.pair_gain is not None else [], dtype=torch.float32),
+                "term_ptr": torch.as_tensor(fit.term_ptr if fit.term_ptr is not None and fit.pair_gain is not None
+                                            else np.zeros(0, dtype=np.int64)),
+                "term_ids": torch.as_tensor(fit.term_ids if fit.term_ids is not None and fit.pair_gain is not None
+                                            else np.zeros(0, dtype=np.int64)),
                 "pair_nodes": torch.as_tensor(fit.pair_nodes if fit.pair_nodes is not None
                                               else np.zeros((len(fit.nodes), 0), dtype=np.int64)),
                 "pair_weight": torch.as_tensor(fit.pair_weight if fit.pair_weight is not None
@@ -676,7 +738,8 @@ class SetPrior(nn.Module):
             }
         elif shapes is not None:
             dtypes = {"eval_index": torch.long, "loo_index": torch.long, "seen": torch.bool, "derived": torch.bool,
-                      "combo_index": torch.long, "node_column": torch.long, "pair_nodes": torch.long}
+                      "combo_index": torch.long, "node_column": torch.long, "pair_nodes": torch.long,
+                      "term_ptr": torch.long, "term_ids": torch.long}
             tensors = {k: torch.zeros(s, dtype=dtypes.get(k, torch.float32)) for k, s in shapes.items()}
         else:
             raise ValueError("SetPrior: pass a PriorFit, or the buffer shapes of a saved one (from_state_dict)")
@@ -685,7 +748,7 @@ class SetPrior(nn.Module):
 
     BUFFERS = ("mean_delta", "combo_mean", "rows", "basis", "eval_index", "eval_weight", "loo_index", "loo_weight",
                "seen", "derived", "combo_index", "beta_unseen", "node_column", "pair_gain", "pair_nodes",
-               "pair_weight")
+               "pair_weight", "term_ptr", "term_ids")
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "prior.") -> SetPrior:
@@ -702,6 +765,8 @@ class SetPrior(nn.Module):
             state.setdefault(prefix + "pair_gain", torch.zeros(0))
             state.setdefault(prefix + "pair_nodes", torch.zeros(seen.shape[0], 0, dtype=torch.long))
             state.setdefault(prefix + "pair_weight", torch.zeros(seen.shape[0], 0))
+            state.setdefault(prefix + "term_ptr", torch.zeros(0, dtype=torch.long))
+            state.setdefault(prefix + "term_ids", torch.zeros(0, dtype=torch.long))
         missing = [b for b in cls.BUFFERS if prefix + b not in state]
         if missing:
             raise ValueError(f"saved weights lack the prior's {missing} (keys '{prefix}*'): the model was trained "
@@ -792,20 +857,46 @@ class SetPrior(nn.Module):
         return parts
 
     def _pair_gains(self, perts: Tensor, trained: Tensor) -> Tensor:
-        """[U, G] each set's pair gain outside its own columns, 1 elsewhere and for sets that are not pairs of
-        trained genes (`trained` [U, K]: members' gene whose single was trained; the fit saw only such pairs):
-        g = 1 + b J, J the pair's GO-graph Jaccard (module doc)."""
+        """[U, G] each set's pair gain outside its own columns, 1 elsewhere and for sets that are not pairs with a
+        trained gene (`trained` [U, K]: members whose single was trained): g = 1 + b min(J, J_max), J the pair's
+        GO Jaccard (module doc)."""
         num_genes = self.mean_delta.shape[0]
-        if perts.shape[1] < 2 or not self.pair_nodes.shape[1]:
+        if perts.shape[1] < 2:
             return torch.ones(perts.shape[0], num_genes, device=perts.device)
         valid = perts >= 0
-        pair = (valid.sum(1) == 2) & (trained | ~valid).all(1)
+        pair = (valid.sum(1) == 2) & trained.any(1)
         first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :2]   # the pair's two genes
         a, b = perts.gather(1, first).clamp_min(0).unbind(1)
-        jaccard = torch.where(self.pair_nodes[a] == b.unsqueeze(1), self.pair_weight[a].float(), 0.0).amax(1)
+        if self.term_ptr.numel():
+            jaccard = self._term_jaccard(a, b)
+            jaccard = torch.where(jaccard > self.pair_gain[2], jaccard, 0.0)
+        elif self.pair_nodes.shape[1]:
+            jaccard = torch.where(self.pair_nodes[a] == b.unsqueeze(1), self.pair_weight[a].float(), 0.0).amax(1)
+        else:
+            return torch.ones(perts.shape[0], num_genes, device=perts.device)
+        if self.pair_gain.numel() > 1:   # saved before the clamp: [b] only
+            jaccard = jaccard.clamp(max=float(self.pair_gain[1]))
         gain = (1.0 + self.pair_gain[0] * jaccard).clamp(0.0, MAX_PAIR_GAIN)
         scale = torch.where(pair, gain, torch.ones_like(gain)).unsqueeze(1)
         return torch.where(self.own_columns(perts, num_genes), torch.ones_like(scale), scale)
+
+    def _term_jaccard(self, a: Tensor, b: Tensor) -> Tensor:
+        """[U] the Jaccard of nodes a[u] and b[u]'s GO terms (term_ptr / term_ids), vectorized: every pair's terms
+        as keys (pair, term), sorted; a key twice is a shared term (a node's own terms are distinct)."""
+        ptr, ids = self.term_ptr, self.term_ids
+        num, width = a.shape[0], int(ids.max()) + 1 if ids.numel() else 1
+        keys, lengths = [], []
+        for node in (a, b):
+            length = ptr[node + 1] - ptr[node]
+            within = torch.arange(int(length.sum()), device=a.device) - torch.repeat_interleave(
+                torch.cumsum(length, 0) - length, length)
+            pair = torch.repeat_interleave(torch.arange(num, device=a.device), length)
+            keys.append(pair * width + ids[torch.repeat_interleave(ptr[node], length) + within])
+            lengths.append(length)
+        key = torch.sort(torch.cat(keys)).values
+        inter = torch.bincount(key[1:][key[1:] == key[:-1]] // width, minlength=num).to(torch.float32)
+        union = (lengths[0] + lengths[1]).to(torch.float32) - inter
+        return torch.where(union > 0, inter / union.clamp_min(1.0), 0.0)
 
     def forward(self, perts: Tensor, cross_fit: bool = False, as_unseen: Tensor | None = None) -> Tensor:
         return self.members(perts, cross_fit, as_unseen).sum(1)

@@ -235,8 +235,19 @@ def load_checkpoint(engine, directory: str | os.PathLike, *, rank: int, world_si
     loader_path = directory / f"loader_rank{rank}.json"
     loader_state = json.loads(loader_path.read_text())
     make_engine_loading_safe(engine)
-    path, _ = engine.load_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    try:
+        path, _ = engine.load_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    except RuntimeError as err:
+        # A run directory reused after the config, the data or the library changed (the prior's fitted tables
+        # are buffers whose shapes follow the data): say so instead of PyTorch's list of tensors.
+        if "size mismatch" not in str(err) and "Missing key" not in str(err) and "Unexpected key" not in str(err):
+            raise
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"checkpoint {str(directory)!r} holds a model of another shape than this run builds "
+                              f"({first}): it was written with another config, training split, store or library "
+                              f"version. Train into a new output directory, or delete that checkpoint to start "
+                              f"over") from None
     if path is None:
         raise CheckpointError(f"checkpoint {str(directory)!r}: DeepSpeed found no engine state under {ENGINE_DIR}/")
     return meta, loader_state
