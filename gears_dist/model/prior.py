@@ -21,15 +21,15 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
   - its response in the linear model of Ahlmann-Eltze et al. (model/linear.py), fitted to every training
     condition: singles denoised in a few principal directions, and the sub- or super-additivity that the
     training combinations show as a whole;
-- a pair of trained genes whose GO annotations overlap: gene pairs that share annotation often buffer each
-  other (Norman et al. 2019). Its genes' effects outside their own columns are scaled by g = 1 + b J, g in
-  [0, MAX_PAIR_GAIN]. J is the Jaccard of the two genes' GO terms where it is above the graph's threshold (the
-  graph's own notion of a link), re-read from the annotations the graph was built from: the graph keeps each
-  gene's top-20 neighbours among all genes, which misses most pairs of one pathway. The graph's edges serve
-  only where it records no annotations (an edge-list graph). J is clamped to the largest J of the pairs b was
-  fitted on: a line is not extrapolated to pairs more related than any it saw. b is fitted on the training
-  pairs of trained singles:
-  weighted least squares of each pair's observed gain less 1 on J, ridge-shrunk toward b = 0 (the additive
+- a pair of genes, at least one trained, whose GO annotations overlap: gene pairs that share annotation often
+  buffer each other (Norman et al. 2019). Its genes' effects outside their own columns are scaled by
+  g = 1 + b J, g in [0, MAX_PAIR_GAIN]; with one gene GO-estimated too (on the demo screen, most test pairs:
+  ranked as additive, their buffering went unseen). J is the Jaccard of the two genes' GO terms where it is
+  above the graph's threshold (the graph's own notion of a link), re-read from the annotations the graph was
+  built from: the graph keeps each gene's top-20 neighbours among all genes, which misses most pairs of one
+  pathway. The graph's edges serve only where it records no annotations (an edge-list graph). J is clamped to
+  the largest J of the pairs b was fitted on: a line is not extrapolated to pairs more related than any it
+  saw. b is fitted on the training pairs of trained singles: weighted least squares of each pair's observed gain less 1 on J, ridge-shrunk toward b = 0 (the additive
   model) by a lambda chosen leave-one-out. A pair's observed gain <d_ab, s> / <s, s> (s = d_a + d_b) is biased
   toward 0 by the noise of the observed singles (<s, s> counts their noise too), so it is corrected with the
   noise of the condition means (cell variance / cells; errors in variables), and weighted by the singles'
@@ -95,8 +95,6 @@ NUM_TAU_BAGS = 200
 GAIN_RIDGE_GRID = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, np.inf)
 MIN_GAIN_PAIRS = 4
 MAX_PAIR_GAIN = 3.0
-# Partners per trained single in the pair table built from GO terms (a genome screen's 10k singles: ~8 MB).
-MAX_PAIR_PARTNERS = 64
 
 
 @dataclasses.dataclass
@@ -129,8 +127,8 @@ class PriorFit:
     taus: np.ndarray | None = None
     # [G] m_c, the mean delta of the training sets of two or more genes (None: no such set, m is used)
     combo_mean: np.ndarray | None = None
-    # pair gains (combo_source "gain"): b of g = 1 + b J, and each node's GO-linked nodes [P, K] (-1 padding)
-    # with their Jaccard weights, to look J up; None otherwise
+    # pair gains (combo_source "gain"): b of g = 1 + b J; for a graph without GO terms (an edge list), each node's
+    # linked nodes [P, K] (-1 padding) with their Jaccard weights, to look J up; None otherwise
     pair_gain: float | None = None
     pair_max_jaccard: float | None = None   # J is clamped to the largest J of the pairs b was fitted on
     pair_threshold: float | None = None     # J at or below it counts as 0 (the graph's threshold)
@@ -155,7 +153,7 @@ class PriorFit:
     def _combo_text(self) -> str:
         num = int((self.combo_index >= 0).sum())
         if self.combo_source == "gain":
-            return f"pairs of trained genes scaled by 1 {self.pair_gain:+.2f} x GO Jaccard"
+            return f"pairs with a trained gene scaled by 1 {self.pair_gain:+.2f} x GO Jaccard"
         if self.combo_source == "linear":
             return f"{num} genes use linear-model responses in sets of trained genes"
         return f"{num} combination deltas (w {self.combo_weight:g})"
@@ -864,7 +862,9 @@ class SetPrior(nn.Module):
         if perts.shape[1] < 2:
             return torch.ones(perts.shape[0], num_genes, device=perts.device)
         valid = perts >= 0
-        pair = (valid.sum(1) == 2) & trained.any(1)
+        # a prior saved before the clamp ([b] only) scaled pairs of trained genes only: it predicts as it did
+        with_trained = trained.any(1) if self.pair_gain.numel() > 1 else (trained | ~valid).all(1)
+        pair = (valid.sum(1) == 2) & with_trained
         first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :2]   # the pair's two genes
         a, b = perts.gather(1, first).clamp_min(0).unbind(1)
         if self.term_ptr.numel():
