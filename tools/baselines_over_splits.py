@@ -37,21 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     from gears_dist.data.splits import make_split
     from gears_dist.data.store import open_store
     from gears_dist.evaluate import baselines as B
-    from gears_dist.evaluate.multisplit import GI_K, _gi_rows, summarize_splits
+    from gears_dist.evaluate.multisplit import GI_K, gi_rows, summarize_splits
     from gears_dist.evaluate.pipeline import evaluate_split, store_go_graph
 
     warnings.filterwarnings("ignore")
     store = open_store(args.store)
     go = store_go_graph(store)
-    rows, gi_rows = [], []
+    rows, gi = [], []
     for seed in _seeds(args.seeds):
         split = make_split(store.condition_names, args.split_kind, seed=seed)
         fitted = B.fit_baselines(B.training_profiles(store, split.train), PREDICTORS, go=go)
         table = evaluate_split(store, split, predictors=fitted, baselines=(), go=go).table
         rows.append(table.assign(split_seed=seed))
         # The additive baseline ranks every pair alike: its precision is the base rate (chance).
-        gi_rows += [dict(r, split_seed=seed) for r in _gi_rows(store, split, {"go_prior": fitted["go_prior"]})
-                    + _gi_rows(store, split, {})]
+        gi += [dict(r, split_seed=seed)
+               for r in gi_rows(store, split, {"go_prior": fitted["go_prior"]}, chance=True)]
     per_split = pd.concat(rows)
     per_split = per_split[per_split.num_conditions > 0]
     if args.out:
@@ -65,10 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{r.pearson_delta_mean:.3f} ± {r.pearson_delta_sd:.3f} / {r.mse_de_mean:.4f} ± {r.mse_de_sd:.4f}"
                  for r in (summary.loc[(cat, name)] for name in PREDICTORS)]
         print(f"| {cat} ({int(summary.loc[(cat, PREDICTORS[0]), 'num_splits'])}) | " + " | ".join(cells) + " |")
-    if gi_rows:
-        gi = pd.DataFrame(gi_rows)
+    if gi:
         metric = f"gi_precision_at_{GI_K}"
-        table = gi.groupby(["category", "predictor"])[metric].agg(["mean", "std"]).unstack("predictor")
+        table = pd.DataFrame(gi).groupby(["category", "predictor"])[metric].agg(["mean", "std"]).unstack("predictor")
         print(f"\nGI precision@{GI_K} on the test pairs, mean ± sd over splits (additive ties every pair: chance)\n")
         sources = [s for s in ("go_prior", "additive", "base_rate") if ("mean", s) in table.columns]
         print("| GI type | " + " | ".join(sources) + " |")

@@ -23,8 +23,7 @@ import time
 import bench_model as BM
 
 SINGLES = {"norman": 100, "genome": 10000}
-# training pairs of trained singles: what the combination and linear candidates and the pair gains are fitted on;
-# with GO terms per node (libraries since the pair gains read them), the pair table over the trained singles
+# training pairs of trained singles: what the combination and linear candidates and the pair gains are fitted on
 DOUBLES = {"norman": 131, "genome": 1000}
 
 
@@ -52,19 +51,20 @@ def build(scale: str, prior: str, batch: int, steps: int, dtype: str):
         doubles = [(singles[a], singles[b]) for a, b in pick]
         double_deltas = 0.8 * (deltas[pick[:, 0]] + deltas[pick[:, 1]]) + 0.3 * rng.normal(size=(len(pick), num_genes))
         everything = np.concatenate([deltas, double_deltas])
-        # the noise of the means, so the fit also runs the pair gains (libraries from before them lack it)
-        noise = {}
+        # the noise of the means, so the fit also runs the pair gains, and GO terms per node, which they read
+        # (libraries from before either lack the argument)
+        pair_args = {}
         if "single_noise" in inspect.signature(fit_go_prior).parameters:
-            noise = dict(single_noise=np.zeros(deltas.shape), control_noise=np.zeros(num_genes))
+            pair_args = dict(single_noise=np.zeros(deltas.shape), control_noise=np.zeros(num_genes))
         if "pair_terms" in inspect.signature(fit_go_prior).parameters:
             # GO-like annotations: 3-40 terms per gene out of 8,000, a few terms annotating many genes
             popularity = 1.0 / (np.arange(8000) + 10.0)
-            noise["pair_terms"] = [frozenset(rng.choice(8000, size=rng.integers(3, 41), replace=False,
+            pair_args["pair_terms"] = [frozenset(rng.choice(8000, size=rng.integers(3, 41), replace=False,
                                                         p=popularity / popularity.sum()).tolist())
                                    for _ in nodes]
         t = time.perf_counter()
         fit = fit_go_prior(GeneGraph(nodes, go_i.numpy(), go_w.numpy()), singles, deltas, everything.mean(0),
-                           doubles, double_deltas, **noise)
+                           doubles, double_deltas, **pair_args)
         info["fit_s"] = time.perf_counter() - t
         info["combo_source"] = getattr(fit, "combo_source", "-")  # "-": a prior from before the candidates
         info["fit_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -36,9 +36,10 @@ GI_K = 10
 GI_TYPES = ("synergy", "suppression", "epistasis", "neomorphism")
 
 
-def _gi_rows(store, split, predictors: Mapping) -> list[dict]:
+def gi_rows(store, split, predictors: Mapping, chance: bool = False) -> list[dict]:
     """GI precision@GI_K per type on the split's test pairs (rows: predictor, category gi_<type>), or [] when the
-    store has no planted truth. With no predictor: the additive baseline and the base rate."""
+    store has no planted truth. With no predictor, or with `chance`: also the additive baseline and the base rate
+    (one GI evaluation for all)."""
     from gears_dist.evaluate.pipeline import gi_evaluation, load_gi_truth
 
     truth = load_gi_truth(store)
@@ -46,7 +47,7 @@ def _gi_rows(store, split, predictors: Mapping) -> list[dict]:
     if not truth or not pairs:
         return []
     _, precision = gi_evaluation(store, pairs, predictors, truth=truth, k=GI_K)
-    keep = list(predictors) or ["additive", "base_rate"]
+    keep = list(predictors) + (["additive", "base_rate"] if chance or not predictors else [])
     return [{"predictor": src, "category": f"gi_{t}", "num_conditions": int(precision.loc[src, "num_pairs"]),
              f"gi_precision_at_{GI_K}": float(precision.loc[src, t])}
             for src in keep if src in precision.index for t in GI_TYPES if t in precision.columns]
@@ -120,7 +121,7 @@ def _train_and_evaluate(cfg_dict: dict, store_path: str, run_dir: str, keys: dic
     ev = evaluate_split(model.store, split, {"model": model}, baselines=())
     best = summary.get("best") or {}
     rows = [{**row, "best_epoch": best.get("epoch")} for row in ev.table.to_dict("records")]
-    return rows + [{k: v for k, v in r.items() if k != "predictor"} for r in _gi_rows(model.store, split,
+    return rows + [{k: v for k, v in r.items() if k != "predictor"} for r in gi_rows(model.store, split,
                                                                                       {"model": model})]
 
 
@@ -253,7 +254,7 @@ def run_multisplit(store_path: str | os.PathLike, cfg, out: str | os.PathLike, *
         split = load_split(store, keys[first, seed]["split"])
         ev = evaluate_split(store, split, {}, baselines=baselines)
         rows += [{**r, "split_seed": seed} for r in ev.table.to_dict("records")]
-        rows += [{**r, "split_seed": seed} for r in _gi_rows(store, split, {})]
+        rows += [{**r, "split_seed": seed} for r in gi_rows(store, split, {})]
     per_split = pd.DataFrame(rows)
     summary = summarize_splits(per_split)
     files = {"per_split": out / "per_split.csv", "summary": out / "summary.csv", "json": out / "summary.json"}

@@ -23,20 +23,20 @@ Per gene p, a deviation from m, the train-mean delta (training conditions weight
     training combinations show as a whole;
 - a pair of genes, at least one trained, whose GO annotations overlap: gene pairs that share annotation often
   buffer each other (Norman et al. 2019). Its genes' effects outside their own columns are scaled by
-  g = 1 + b J, g in [0, MAX_PAIR_GAIN]; with one gene GO-estimated too (on the demo screen, most test pairs:
-  ranked as additive, their buffering went unseen). J is the Jaccard of the two genes' GO terms where it is
-  above the graph's threshold (the graph's own notion of a link), re-read from the annotations the graph was
-  built from: the graph keeps each gene's top-20 neighbours among all genes, which misses most pairs of one
-  pathway. The graph's edges serve only where it records no annotations (an edge-list graph). J is clamped to
-  the largest J of the pairs b was fitted on: a line is not extrapolated to pairs more related than any it
-  saw. b is fitted on the training pairs of trained singles: weighted least squares of each pair's observed gain less 1 on J, ridge-shrunk toward b = 0 (the additive
-  model) by a lambda chosen leave-one-out. A pair's observed gain <d_ab, s> / <s, s> (s = d_a + d_b) is biased
-  toward 0 by the noise of the observed singles (<s, s> counts their noise too), so it is corrected with the
-  noise of the condition means (cell variance / cells; errors in variables), and weighted by the singles'
-  signal (<s, s> less that noise). Without those variances, or where leave-one-out keeps b = 0, nothing
-  changes; where b is kept, sets of trained genes use the observed singles (the combination or linear rows
-  above model gene-level departures and would count the pairs' interactions twice). Outside training only,
-  like those rows (cross-fitting gives a training pair the sum of its singles);
+  g = 1 + b J, g in [0, MAX_PAIR_GAIN]; with one gene GO-estimated too (on the demo screen, most test pairs: ranked as
+  additive, their buffering went unseen). J is the Jaccard of the two genes' GO terms where it is above the
+  graph's threshold (the graph's own notion of a link), re-read from the annotations the graph was built from:
+  the graph keeps each gene's top-20 neighbours among all genes, which misses most pairs of one pathway. The
+  graph's edges serve only where it records no annotations (an edge-list graph). J is clamped to the largest J
+  of the pairs b was fitted on: a line is not extrapolated to pairs more related than any it saw. b is fitted
+  on the training pairs of trained singles: weighted least squares of each pair's observed gain less 1 on J,
+  ridge-shrunk toward b = 0 (the additive model) by a lambda chosen leave-one-out. A pair's observed gain
+  <d_ab, s> / <s, s> (s = d_a + d_b) is biased toward 0 by the noise of the observed singles (<s, s> counts
+  their noise too), so it is corrected with the noise of the condition means (cell variance / cells; errors in
+  variables), and weighted by the singles' signal (<s, s> less that noise). Without those variances, or where
+  leave-one-out keeps b = 0, nothing changes; where b is kept, sets of trained genes use the observed singles
+  (the combination or linear rows above model gene-level departures and would count the pairs' interactions
+  twice). Outside training only, like those rows (cross-fitting gives a training pair the sum of its singles);
 - otherwise: dev(p) = lambda_p (a_p - m), a_p the GO-similarity-weighted mean of the observed deltas of p's
   top-k GO neighbours among the training singles, shrunk by lambda_p = W_p / (W_p + tau) (W_p: their total
   Jaccard weight; no neighbour: dev 0). k and tau are fitted by leave-one-out over the training singles, and the
@@ -358,8 +358,7 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
             residuals = np.concatenate([residuals, np.stack(derived_rows)], axis=0)
 
     combo_index, combo_weight, combo_source = np.full(num_nodes, -1, dtype=np.int64), np.inf, "none"
-    pair_gain = pair_nodes = pair_weight = pair_max_jaccard = pair_threshold = None
-    pair_terms_csr = (None, None)
+    pair_gain = pair_nodes = pair_weight = pair_max_jaccard = pair_threshold = term_ptr = term_ids = None
     if len(doubles) and double_deltas is not None:
         seen_delta = {g: single_deltas[keep[i]] for g, i in single_index.items()}
         seen_delta.update({g: mean_delta + derived_rows[j] for j, g in enumerate(sorted(sums))})
@@ -374,13 +373,11 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
             if pair_terms is not None:
                 # the graph's own notion of a link (Jaccard above its threshold), without its per-gene top-k cut
                 threshold = float((getattr(go, "info", None) or {}).get("threshold", 0.0))
-                term_ptr, term_ids = _term_table(pair_terms)
-                pair_nodes, pair_weight = np.zeros((go.num_nodes, 0), np.int64), np.zeros((go.num_nodes, 0))
 
                 def jaccard(a: str, b: str) -> float:
                     return _set_jaccard(pair_terms[node_index[a]], pair_terms[node_index[b]], threshold)
             else:
-                threshold, term_ptr, term_ids = 0.0, None, None
+                threshold = 0.0
                 pair_nodes, pair_weight = _go_pair_table(go)
 
                 def jaccard(a: str, b: str) -> float:
@@ -393,7 +390,9 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                 {g: int(columns[node_index[g]]) for g in single_index}, jaccard, rng)
             if slope != 0.0:
                 combo_rows, combo_weight, combo_source, pair_gain = {}, np.inf, "gain", slope
-                pair_max_jaccard, pair_threshold, pair_terms_csr = max_jaccard, threshold, (term_ptr, term_ids)
+                pair_max_jaccard, pair_threshold = max_jaccard, threshold
+                if pair_terms is not None:
+                    term_ptr, term_ids = _term_table(pair_terms)
         for j, (g, row) in enumerate(combo_rows.items()):
             combo_index[node_index[g]] = residuals.shape[0] + j
         if combo_rows:
@@ -410,7 +409,7 @@ def fit_go_prior(go, single_genes: Sequence[str], single_deltas: np.ndarray, mea
                     combo_mean=(np.asarray(double_deltas, dtype=np.float64).mean(axis=0)
                                 if len(doubles) and double_deltas is not None else None),
                     pair_gain=pair_gain, pair_max_jaccard=pair_max_jaccard, pair_threshold=pair_threshold,
-                    term_ptr=pair_terms_csr[0], term_ids=pair_terms_csr[1],
+                    term_ptr=term_ptr, term_ids=term_ids,
                     pair_nodes=pair_nodes if pair_gain is not None else None,
                     pair_weight=pair_weight if pair_gain is not None else None,
                     node_column=node_columns(go.nodes, gene_symbols))
@@ -527,7 +526,22 @@ def _go_pair_table(go) -> tuple[np.ndarray, np.ndarray]:
     """[P, K] each GO node's linked nodes (both edge directions, no self; -1 padding) and their Jaccard: the pair
     Jaccard where the graph records no GO terms (an edge-list graph)."""
     src, dst = (np.asarray(a, dtype=np.int64) for a in go.edge_index)
-    return _pair_table(src, dst, np.asarray(go.edge_weight, dtype=np.float64), go.num_nodes)
+    weight = np.asarray(go.edge_weight, dtype=np.float64)
+    keep = (src != dst) & (weight > 0)
+    a = np.concatenate([src[keep], dst[keep]])
+    b = np.concatenate([dst[keep], src[keep]])
+    w = np.concatenate([weight[keep], weight[keep]])
+    order = np.lexsort((-w, b, a))
+    a, b, w = a[order], b[order], w[order]
+    first = np.ones(a.size, dtype=bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    a, b, w = a[first], b[first], w[first]
+    counts = np.bincount(a, minlength=go.num_nodes)
+    nodes = np.full((go.num_nodes, int(counts.max()) if a.size else 0), -1, dtype=np.int64)
+    weights = np.zeros(nodes.shape, dtype=np.float32)
+    position = np.arange(a.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    nodes[a, position], weights[a, position] = b, w
+    return nodes, weights
 
 
 def _term_table(term_sets: Sequence[frozenset]) -> tuple[np.ndarray, np.ndarray]:
@@ -544,25 +558,6 @@ def _set_jaccard(a: frozenset, b: frozenset, threshold: float) -> float:
     union = len(a | b)
     j = len(a & b) / union if union else 0.0
     return j if j > threshold else 0.0
-
-
-def _pair_table(src: np.ndarray, dst: np.ndarray, weight: np.ndarray, num_nodes: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    keep = (src != dst) & (weight > 0)
-    a = np.concatenate([src[keep], dst[keep]])
-    b = np.concatenate([dst[keep], src[keep]])
-    w = np.concatenate([weight[keep], weight[keep]])
-    order = np.lexsort((-w, b, a))
-    a, b, w = a[order], b[order], w[order]
-    first = np.ones(a.size, dtype=bool)
-    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
-    a, b, w = a[first], b[first], w[first]
-    counts = np.bincount(a, minlength=num_nodes)
-    nodes = np.full((num_nodes, int(counts.max()) if a.size else 0), -1, dtype=np.int64)
-    weights = np.zeros(nodes.shape, dtype=np.float32)
-    position = np.arange(a.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    nodes[a, position], weights[a, position] = b, w
-    return nodes, weights
 
 
 def _pair_jaccard(pair_nodes: np.ndarray, pair_weight: np.ndarray, a: int, b: int) -> float:
@@ -725,10 +720,8 @@ class SetPrior(nn.Module):
                                                else np.full(len(fit.nodes), -1, dtype=np.int64)),
                 "pair_gain": torch.tensor([fit.pair_gain, fit.pair_max_jaccard, fit.pair_threshold or 0.0]
                                           if fit.pair_gain is not None else [], dtype=torch.float32),
-                "term_ptr": torch.as_tensor(fit.term_ptr if fit.term_ptr is not None and fit.pair_gain is not None
-                                            else np.zeros(0, dtype=np.int64)),
-                "term_ids": torch.as_tensor(fit.term_ids if fit.term_ids is not None and fit.pair_gain is not None
-                                            else np.zeros(0, dtype=np.int64)),
+                "term_ptr": torch.as_tensor(fit.term_ptr if fit.term_ptr is not None else np.zeros(0, np.int64)),
+                "term_ids": torch.as_tensor(fit.term_ids if fit.term_ids is not None else np.zeros(0, np.int64)),
                 "pair_nodes": torch.as_tensor(fit.pair_nodes if fit.pair_nodes is not None
                                               else np.zeros((len(fit.nodes), 0), dtype=np.int64)),
                 "pair_weight": torch.as_tensor(fit.pair_weight if fit.pair_weight is not None
@@ -862,9 +855,10 @@ class SetPrior(nn.Module):
         if perts.shape[1] < 2:
             return torch.ones(perts.shape[0], num_genes, device=perts.device)
         valid = perts >= 0
-        # a prior saved before the clamp ([b] only) scaled pairs of trained genes only: it predicts as it did
-        with_trained = trained.any(1) if self.pair_gain.numel() > 1 else (trained | ~valid).all(1)
-        pair = (valid.sum(1) == 2) & with_trained
+        # a prior saved before the clamp (pair_gain [b] only) scaled pairs of trained genes only, by 1 + b J
+        # unclamped: it predicts as it did
+        legacy = self.pair_gain.numel() == 1
+        pair = (valid.sum(1) == 2) & ((trained | ~valid).all(1) if legacy else trained.any(1))
         first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :2]   # the pair's two genes
         a, b = perts.gather(1, first).clamp_min(0).unbind(1)
         if self.term_ptr.numel():
@@ -874,7 +868,7 @@ class SetPrior(nn.Module):
             jaccard = torch.where(self.pair_nodes[a] == b.unsqueeze(1), self.pair_weight[a].float(), 0.0).amax(1)
         else:
             return torch.ones(perts.shape[0], num_genes, device=perts.device)
-        if self.pair_gain.numel() > 1:   # saved before the clamp: [b] only
+        if not legacy:
             jaccard = jaccard.clamp(max=float(self.pair_gain[1]))
         gain = (1.0 + self.pair_gain[0] * jaccard).clamp(0.0, MAX_PAIR_GAIN)
         scale = torch.where(pair, gain, torch.ones_like(gain)).unsqueeze(1)
